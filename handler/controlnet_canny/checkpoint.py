@@ -1,0 +1,106 @@
+"""Loading the real checkpoint formats into a ControlLDM, with every mismatch named.
+
+Formats: the v1.0 combined file (`control_sd15_canny.pth`), an SD 1.5 base (`.ckpt`, nested under
+`state_dict`, or `.safetensors`) followed by a control-only file (v1.1). Pickles are only ever read with
+`weights_only=True`; tensors are memory-mapped and converted once, straight to the serving dtype and
+device, so no second full copy of the weights exists at any time.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Present in real files, not used at inference.
+IGNORED_PREFIXES = ("first_stage_model.encoder.", "first_stage_model.quant_conv.", "model_ema.")
+IGNORED_KEYS = frozenset({
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar",
+})
+_LISTED = 10  # keys named per problem in an error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot serve this architecture; the message names the file and the keys."""
+
+
+def is_ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of one file, memory-mapped where the format allows."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects other than tensors, and unpickling them could run code "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch/safetensors file: {err})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+    return ", ".join(keys[:_LISTED]) + more
+
+
+def load_weights(
+    model: nn.Module, checkpoints: list[str | Path], device: torch.device, dtype: torch.dtype
+) -> None:
+    """Fills `model` (built on the meta device) from `checkpoints`; a later file overrides an earlier one per key."""
+    if not checkpoints:
+        raise CheckpointError("no checkpoint given")
+    expected = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    unexpected: list[str] = []
+    for path in map(Path, checkpoints):
+        for key, value in read_state_dict(path).items():
+            if is_ignored(key):
+                continue
+            if key not in expected:
+                unexpected.append(f"{key} ({path.name})")
+                continue
+            tensors[key], origin[key] = value, path
+    problems = []
+    missing = set(expected) - set(tensors)
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    wrong = [
+        f"{key} ({origin[key].name}): {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"
+        for key, value in tensors.items()
+        if value.shape != expected[key].shape
+    ]
+    if wrong:
+        problems.append(f"shape mismatches: {_listing(wrong)}")
+    if problems:
+        files = ", ".join(str(p) for p in checkpoints)
+        raise CheckpointError(f"checkpoint {files} does not fit this architecture: " + "; ".join(problems))
+    converted = {key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}
+    del tensors
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.requires_grad_(False)

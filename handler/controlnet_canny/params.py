@@ -1,0 +1,145 @@
+"""Generation parameters: the reference demo's defaults and ranges, parsing with errors that name the field."""
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+DEFAULT_A_PROMPT = "best quality, extremely detailed"
+DEFAULT_N_PROMPT = (
+    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality"
+)
+MAX_SEED = 2**31 - 1
+
+
+class ParamError(ValueError):
+    """A client mistake in one field; `field` names it, the message says the allowed values."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    a_prompt: str = DEFAULT_A_PROMPT
+    n_prompt: str = DEFAULT_N_PROMPT
+    num_samples: int = 1
+    image_resolution: int = 512
+    ddim_steps: int = 20
+    guess_mode: bool = False
+    strength: float = 1.0
+    scale: float = 9.0
+    seed: int = -1
+    eta: float = 0.0
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+    def with_resolved_seed(self) -> GenerationParams:
+        """seed -1 means random; the resolved seed is what gets reported, so any result can be reproduced."""
+        return self if self.seed != -1 else replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Allowed ranges; the defaults are the reference demo's. Any of them can be overridden from configuration."""
+    prompt_chars: int = 2000
+    num_samples: tuple[int, int] = (1, 12)
+    image_resolution: tuple[int, int] = (256, 768)
+    ddim_steps: tuple[int, int] = (1, 100)
+    strength: tuple[float, float] = (0.0, 2.0)
+    scale: tuple[float, float] = (0.1, 30.0)
+    seed: tuple[int, int] = (-1, MAX_SEED)
+    eta: tuple[float, float] = (0.0, 1.0)
+    low_threshold: tuple[int, int] = (1, 255)
+    high_threshold: tuple[int, int] = (1, 255)
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown limits: {sorted(unknown)}; known: {sorted(known)}")
+        return replace(cls(), **{k: v if k == "prompt_chars" else tuple(v) for k, v in overrides.items()})
+
+
+_TEXT_FIELDS = ("prompt", "a_prompt", "n_prompt")
+_TYPES = {f.name: f.type for f in fields(GenerationParams)}
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _as_int(field: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ParamError(field, f"must be an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ParamError(field, f"must be an integer, got {value!r:.40}")
+
+
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ParamError(field, "must be a number, got a boolean")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ParamError(field, f"must be a number, got {value!r:.40}") from None
+    if not math.isfinite(number):
+        raise ParamError(field, f"must be a finite number, got {value!r:.40}")
+    return number
+
+
+def _as_bool(field: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ParamError(field, f"must be true or false, got {value!r:.40}")
+
+
+def _as_text(field: str, value: Any, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise ParamError(field, f"must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise ParamError(field, f"is {len(value)} characters long; at most {max_chars} allowed")
+    return value
+
+
+def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_step: int = 64) -> GenerationParams:
+    """Builds validated parameters from JSON values or form strings; unknown fields are refused (typos)."""
+    unknown = sorted(set(raw) - set(_TYPES))
+    if unknown:
+        raise ParamError(unknown[0], f"unknown field; known fields: {', '.join(_TYPES)}")
+    if "prompt" not in raw:
+        raise ParamError("prompt", "is required")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        kind = _TYPES[name]
+        if name in _TEXT_FIELDS:
+            values[name] = _as_text(name, value, limits.prompt_chars)
+            continue
+        parsed = {"int": _as_int, "float": _as_float, "bool": _as_bool}[kind](name, value)
+        if kind != "bool":
+            low, high = getattr(limits, name)
+            if not low <= parsed <= high:
+                raise ParamError(name, f"must be between {low} and {high}, got {parsed}")
+        values[name] = parsed
+    params = GenerationParams(**values)
+    if params.image_resolution % resolution_step:
+        raise ParamError("image_resolution", f"must be a multiple of {resolution_step}, got {params.image_resolution}")
+    return params

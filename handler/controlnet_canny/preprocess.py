@@ -1,0 +1,69 @@
+"""Image decoding and validation, and the reference's canny preprocessing (spec section 4)."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .params import ParamError
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_ASPECT = 4  # bounds the generated size whatever the input shape
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
+    """Bytes to HWC uint8 RGB. The format is read from the content, never a file name; size is checked
+    from the header before any pixel is decoded (decompression bombs)."""
+    if not data:
+        raise ParamError(field, "is empty")
+    if len(data) > max_bytes:
+        raise ParamError(field, f"is {len(data)} bytes; at most {max_bytes} allowed")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ParamError(field, f"is {width}x{height} = {width * height} pixels; at most {max_pixels} allowed")
+            image.load()
+    except ParamError:
+        raise
+    except Image.DecompressionBombError:
+        raise ParamError(field, f"declares too many pixels; at most {max_pixels} allowed") from None
+    except Exception as err:  # Pillow raises many types for corrupt data; all are the client's mistake
+        raise ParamError(field, f"is not a valid {'/'.join(FORMATS)} image ({type(err).__name__})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Gray repeated to 3 channels; alpha composited over white as the reference: rgb * a + 255 * (1 - a), truncated."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if not has_alpha:
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
+    alpha = rgba[:, :, 3:4] / 255.0
+    return (rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+
+
+def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """Short side to `resolution`, each side then rounded to a multiple of 64 (numpy round: half to even)."""
+    k = float(resolution) / min(height, width)
+    return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    new_height, new_width = output_size(height, width, resolution)
+    if max(new_height, new_width) > MAX_ASPECT * resolution:
+        raise ParamError("image", f"aspect ratio {width}:{height} is beyond {MAX_ASPECT}:1")
+    k = float(resolution) / min(height, width)
+    interpolation = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
+    return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
+
+
+def canny(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndarray:
+    """Edge map (H, W) uint8 of the 3-channel image itself: a grayscale conversion gives a different map."""
+    return cv2.Canny(image, low_threshold, high_threshold)
