@@ -37,11 +37,7 @@ def tiny_pipeline(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def house_image() -> np.ndarray:
-    """A synthetic RGB scene with clear edges (no binary test data in the repository)."""
+    """A small synthetic RGB scene with clear edges (tests/data/house.png, also used by `make generate`)."""
     import cv2
 
-    image = np.full((96, 128, 3), 200, np.uint8)
-    cv2.rectangle(image, (30, 40), (98, 90), (120, 60, 40), -1)
-    cv2.fillPoly(image, [np.array([[24, 42], [64, 10], [104, 42]])], (40, 40, 160))
-    cv2.rectangle(image, (55, 60), (72, 90), (30, 90, 30), -1)
-    return image
+    return cv2.cvtColor(cv2.imread(str(ROOT / "tests" / "data" / "house.png")), cv2.COLOR_BGR2RGB)
