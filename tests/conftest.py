@@ -12,6 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "handler" / "controlnet_canny" / "configs" / "cldm_tiny.yaml"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tiny model's forwards are too small to split: on a shared 2-core machine two intra-op threads
+    slow them down 100x (one also leaves a core to the TorchServe worker of the integration tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """All tiny checkpoint formats: v1.0 .pth, the v1.1 split pair, .safetensors copies."""

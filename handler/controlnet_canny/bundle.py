@@ -11,7 +11,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from omegaconf import OmegaConf
+import yaml
 
 PNG_TEXT_KEY = "parameters"
 
@@ -55,6 +55,13 @@ EDGE_MAP_NAME = "edge_map.png"
 PARAMS_NAME = "params.yaml"
 
 
+def params_yaml(parameters: Mapping[str, Any]) -> str:
+    """Plain YAML of JSON-like values. Not OmegaConf: it parses "${...}" in a prompt as an interpolation
+    (and fails on an unbalanced one), and whoever loads the file with OmegaConf would resolve it."""
+    plain = json.loads(json.dumps(dict(parameters)))  # tuples to lists, as the PNG's JSON has them
+    return yaml.safe_dump(plain, allow_unicode=True, sort_keys=False, default_flow_style=False)
+
+
 def make_bundle(samples: Sequence[bytes], edge_map: bytes, parameters: Mapping[str, Any]) -> bytes:
     """Zip of `sample_00.png`..., `edge_map.png` and `params.yaml`. Stored, not deflated: PNGs are compressed."""
     buffer = io.BytesIO()
@@ -62,5 +69,5 @@ def make_bundle(samples: Sequence[bytes], edge_map: bytes, parameters: Mapping[s
         for i, png in enumerate(samples):
             archive.writestr(sample_name(i), png)
         archive.writestr(EDGE_MAP_NAME, edge_map)
-        archive.writestr(PARAMS_NAME, OmegaConf.to_yaml(OmegaConf.create(dict(parameters))))
+        archive.writestr(PARAMS_NAME, params_yaml(parameters))
     return buffer.getvalue()

@@ -8,6 +8,7 @@ device, so no second full copy of the weights exists at any time.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,14 +43,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            return load_file(path, device="cpu")
+            try:
+                return load_file(path, device="cpu")
+            except SafetensorError as err:  # truncated or corrupt header: not one of the types caught below
+                raise ValueError(str(err)) from None
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
+        # torch's message opens with advice to retry unsafely; name the offending global instead
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please |\n|$)", str(err))
+        detail = found.group(1) if found else str(err).splitlines()[0]
         raise CheckpointError(
             f"{path}: refused: the file holds objects other than tensors, and unpickling them could run code "
-            f"({str(err).splitlines()[0]})"
+            f"({detail})"
         ) from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch/safetensors file: {err})") from None

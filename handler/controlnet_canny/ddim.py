@@ -24,11 +24,12 @@ def ddim_timesteps(steps: int, train_timesteps: int = 1000) -> list[int]:
     """The reference's "uniform" discretisation, ascending: 0, c, 2c, ... below 1000, each + 1 (c = 1000 // steps).
 
     When 1000 is not a multiple of `steps` this visits more than `steps` steps (30 gives 31); kept so that
-    images match the reference's for every setting.
+    images match the reference's for every setting. Where c divides 999 (steps 3, 9, 27, 37) the last one
+    would be step 1000, past the schedule, which crashes the reference; it is dropped here.
     """
     if not 1 <= steps <= train_timesteps:
         raise ValueError(f"steps must be in [1, {train_timesteps}], got {steps}")
-    return [t + 1 for t in range(0, train_timesteps, train_timesteps // steps)]
+    return [t + 1 for t in range(0, train_timesteps, train_timesteps // steps) if t + 1 < train_timesteps]
 
 
 def sample_ddim(

@@ -6,7 +6,7 @@ import warnings
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .params import ParamError
 
@@ -29,6 +29,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
             if width * height > max_pixels:
                 raise ParamError(field, f"is {width}x{height} = {width * height} pixels; at most {max_pixels} allowed")
             image.load()
+            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, EXIF says how to turn
     except ParamError:
         raise
     except Image.DecompressionBombError:
@@ -40,6 +41,13 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
 
 def to_rgb(image: Image.Image) -> np.ndarray:
     """Gray repeated to 3 channels; alpha composited over white as the reference: rgb * a + 255 * (1 - a), truncated."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit gray PNG: Pillow's convert would clip at 255
+        wide = np.asarray(image).astype(np.int64)
+        gray = Image.fromarray((wide.clip(0, 65535) >> 8).astype(np.uint8), "L")
+        if "transparency" in image.info:  # tRNS names one 16-bit gray value as transparent
+            alpha = np.where(wide == image.info["transparency"], 0, 255).astype(np.uint8)
+            gray = Image.merge("LA", (gray, Image.fromarray(alpha, "L")))
+        image = gray
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if not has_alpha:
         return np.ascontiguousarray(np.asarray(image.convert("RGB")))

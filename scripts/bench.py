@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Benchmark: the full-size SD 1.5 + ControlNet architecture with random weights, beside diffusers.
+
+Compute cost does not depend on weight values, so random weights measure what the real ones would.
+Prints one table: seconds per classifier-free-guidance denoising step (ControlNet + UNet, batch 2) for this
+project and for diffusers' UNet2DConditionModel + ControlNetModel (same dimensions, dtype and machine, in
+the same process), their ratio, seconds per whole image (20 steps, text encoding and VAE decode
+included), and the fraction of the machine's measured peak that a step reaches.
+`--startup` adds checkpoint-to-ready time and peak RSS for a synthetic full-size v1.0 checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "handler"))
+
+from controlnet_canny.config import CONFIG_DIR, load_config  # noqa: E402
+from controlnet_canny.model import ControlLDM  # noqa: E402
+from controlnet_canny.params import GenerationParams  # noqa: E402
+from controlnet_canny.pipeline import PRECISIONS, ControlNetCannyPipeline  # noqa: E402
+
+FULL_CONFIG = CONFIG_DIR / "cldm_v15.yaml"
+SYNTHETIC_CHECKPOINT = Path.home() / ".cache" / "controlnet-canny-bench" / "control_sd15_synthetic.pth"
+
+
+def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 2**20
+
+
+def random_pipeline(dtype: torch.dtype) -> ControlNetCannyPipeline:
+    torch.manual_seed(0)
+    cfg = load_config(FULL_CONFIG)
+    model = ControlLDM(cfg).to(dtype).requires_grad_(False)
+    return ControlNetCannyPipeline(model, cfg, torch.device("cpu"), dtype)
+
+
+def diffusers_models(dtype: torch.dtype):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=768).to(dtype).eval().requires_grad_(False)
+    controlnet = ControlNetModel(cross_attention_dim=768).to(dtype).eval().requires_grad_(False)
+    return unet, controlnet
+
+
+def request(size: int, steps: int, seed: int = 0):
+    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return image, GenerationParams(prompt="a house", image_resolution=size, ddim_steps=steps, seed=seed)
+
+
+def time_ours(pipe: ControlNetCannyPipeline, size: int, steps: int) -> tuple[float, float]:
+    """(median seconds per step after the first, seconds for the whole image). Text cache cleared first."""
+    image, params = request(size, steps)
+    pipe._text_cache.clear()
+    stamps = []
+    start = time.perf_counter()
+    pipe.generate([pipe.prepare(image, params)], lambda done, total: stamps.append(time.perf_counter()))
+    whole = time.perf_counter() - start
+    return statistics.median(np.diff(stamps)), whole
+
+
+@torch.inference_mode()
+def time_diffusers(unet, controlnet, size: int, dtype: torch.dtype, steps: int) -> float:
+    latent = size // 8
+    x = torch.randn(2, 4, latent, latent, dtype=dtype)
+    context = torch.randn(2, 77, 768, dtype=dtype)
+    hint = torch.rand(2, 3, size, size, dtype=dtype)
+    t = torch.full((2,), 501)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+             mid_block_additional_residual=mid, return_dict=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def step_flops(pipe: ControlNetCannyPipeline, size: int) -> int:
+    """FLOPs of one guided step (ControlNet + UNet at batch 2), counted by torch's flop counter."""
+    image, params = request(size, 1)
+    counter = FlopCounterMode(display=False)
+    prepared = pipe.prepare(image, params)
+    with counter:
+        pipe.generate([prepared])
+    decode = FlopCounterMode(display=False)
+    with decode:
+        pipe._decode(torch.zeros(1, 4, size // 8, size // 8))
+    return counter.get_total_flops() - decode.get_total_flops()
+
+
+@torch.inference_mode()
+def machine_peak(dtype: torch.dtype) -> float:
+    """FLOP/s of the better of a large matmul and a UNet-like conv in this dtype, on this machine."""
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    x, w = torch.randn(2, 640, 32, 32, dtype=dtype), torch.randn(640, 640, 3, 3, dtype=dtype)
+    best = 0.0
+    for flops, fn in ((2 * 4096**3, lambda: a @ b),
+                      (2 * 2 * 640 * 640 * 9 * 32 * 32, lambda: torch.nn.functional.conv2d(x, w, padding=1))):
+        fn()
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        best = max(best, 3 * flops / (time.perf_counter() - start))
+    return best
+
+
+def write_synthetic_checkpoint(path: Path) -> None:
+    """A full-size file in the real v1.0 layout (5.7 GB fp32), written once and reused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_checkpoint import make_state_dict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = make_state_dict(load_config(FULL_CONFIG), seed=0)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.rename(path)
+
+
+def startup(precision: str) -> tuple[float, float]:
+    """(seconds from process start to a pipeline ready to serve, peak RSS GiB), in a fresh process."""
+    code = (
+        "import sys, resource; sys.path.insert(0, 'handler');"
+        "from controlnet_canny.pipeline import ControlNetCannyPipeline;"
+        f"ControlNetCannyPipeline.load([{str(SYNTHETIC_CHECKPOINT)!r}], {str(FULL_CONFIG)!r}, 'cpu', {precision!r});"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=sorted(PRECISIONS))
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement (median of all but the first)")
+    parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step images")
+    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--startup", action="store_true", help="checkpoint-to-ready time and peak RSS (writes a 5.7 GB file once)")
+    args = parser.parse_args()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    header = "| size | dtype | ours s/step | diffusers s/step | speed-up | ours s/image (20 steps) | step TFLOP | % of peak |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for precision in args.precisions:
+        dtype = PRECISIONS[precision]
+        if dtype == torch.float16:
+            continue  # CPU only here; fp16 is a CUDA precision
+        peak = machine_peak(dtype)
+        pipe = random_pipeline(dtype)
+        rows = {}
+        for size in args.sizes:
+            ours, _ = time_ours(pipe, size, args.steps)
+            whole = time_ours(pipe, size, 20)[1] if args.whole_image else float("nan")
+            flops = step_flops(pipe, size)
+            rows[size] = (ours, whole, flops)
+        del pipe
+        gc.collect()
+        if not args.no_diffusers:
+            unet, controlnet = diffusers_models(dtype)
+            theirs = {size: time_diffusers(unet, controlnet, size, dtype, args.steps) for size in args.sizes}
+            del unet, controlnet
+            gc.collect()
+        for size, (ours, whole, flops) in rows.items():
+            ref = theirs[size] if not args.no_diffusers else float("nan")
+            print(f"| {size} | {precision} | {ours:.2f} | {ref:.2f} | {ref / ours:.2f}x | {whole:.1f} | "
+                  f"{flops / 1e12:.2f} | {100 * flops / ours / peak:.0f}% of {peak / 1e12:.2f} TFLOP/s |")
+    print(f"peak RSS of this process: {peak_rss_gib():.1f} GiB")
+    if args.startup:
+        if not SYNTHETIC_CHECKPOINT.exists():
+            write_synthetic_checkpoint(SYNTHETIC_CHECKPOINT)
+        size_gib = SYNTHETIC_CHECKPOINT.stat().st_size / 2**30
+        print(f"\nstart-up from {SYNTHETIC_CHECKPOINT} ({size_gib:.1f} GiB):")
+        for precision in args.precisions:
+            seconds, rss = startup(precision)
+            print(f"  {precision}: ready in {seconds:.1f} s, peak RSS {rss:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

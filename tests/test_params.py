@@ -1,0 +1,217 @@
+"""Generation parameters: the reference demo's defaults and ranges (spec section 4), with field-named errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from controlnet_canny.params import MAX_SEED, GenerationParams, Limits, ParamError, parse_params
+from controlnet_canny.pipeline import control_scales
+
+
+def _error(raw, limits: Limits = Limits()) -> ParamError:
+    with pytest.raises(ParamError) as err:
+        parse_params(raw, limits)
+    assert str(err.value).startswith(err.value.field + ": ")
+    return err.value
+
+
+def test_defaults_are_the_reference_demos():
+    params = parse_params({"prompt": "a house"})
+    assert params.to_dict() == {
+        "prompt": "a house",
+        "a_prompt": "best quality, extremely detailed",
+        "n_prompt": "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+                    "cropped, worst quality, low quality",
+        "num_samples": 1,
+        "image_resolution": 512,
+        "ddim_steps": 20,
+        "guess_mode": False,
+        "strength": 1.0,
+        "scale": 9.0,
+        "seed": -1,
+        "eta": 0.0,
+        "low_threshold": 100,
+        "high_threshold": 200,
+    }
+
+
+def test_default_limits_are_the_reference_demos():
+    limits = Limits()
+    assert limits.num_samples == (1, 12)
+    assert limits.image_resolution == (256, 768)
+    assert limits.strength == (0.0, 2.0)
+    assert limits.low_threshold == (1, 255) and limits.high_threshold == (1, 255)
+    assert limits.ddim_steps == (1, 100)
+    assert limits.scale == (0.1, 30.0)
+    assert limits.seed == (-1, 2**31 - 1) and MAX_SEED == 2147483647
+
+
+def test_form_strings_coerced():
+    params = parse_params({
+        "prompt": "p", "num_samples": " 3 ", "image_resolution": "640", "ddim_steps": "30", "guess_mode": "true",
+        "strength": "1.5", "scale": "7", "seed": "42", "eta": "0.5", "low_threshold": "50", "high_threshold": "150",
+    })
+    assert (params.num_samples, params.image_resolution, params.ddim_steps, params.guess_mode) == (3, 640, 30, True)
+    assert (params.strength, params.scale, params.seed, params.eta) == (1.5, 7.0, 42, 0.5)
+    assert (params.low_threshold, params.high_threshold) == (50, 150)
+    assert isinstance(params.num_samples, int) and isinstance(params.scale, float)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", True), ("True", True), ("1", True), ("yes", True), ("on", True), (True, True), (1, True),
+    ("false", False), ("0", False), ("no", False), ("off", False), (False, False), (0, False),
+])
+def test_guess_mode_values(value, expected):
+    assert parse_params({"prompt": "p", "guess_mode": value}).guess_mode is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, 0.5, None, [True]])
+def test_guess_mode_bad_values(value):
+    assert _error({"prompt": "p", "guess_mode": value}).field == "guess_mode"
+
+
+def test_integral_float_accepted_for_int():
+    assert parse_params({"prompt": "p", "ddim_steps": 25.0}).ddim_steps == 25
+
+
+@pytest.mark.parametrize("field, low, high, below, above", [
+    ("num_samples", 1, 12, 0, 13),
+    ("image_resolution", 256, 768, 192, 832),
+    ("ddim_steps", 1, 100, 0, 101),
+    ("strength", 0.0, 2.0, -0.01, 2.01),
+    ("scale", 0.1, 30.0, 0.09, 30.01),
+    ("seed", -1, 2**31 - 1, -2, 2**31),
+    ("eta", 0.0, 1.0, -0.1, 1.1),
+    ("low_threshold", 1, 255, 0, 256),
+    ("high_threshold", 1, 255, 0, 256),
+])
+def test_ranges_enforced(field, low, high, below, above):
+    for ok in (low, high):
+        assert getattr(parse_params({"prompt": "p", field: ok}), field) == ok
+    for bad in (below, above):
+        error = _error({"prompt": "p", field: bad})
+        assert error.field == field
+        assert str(low) in error.message and str(high) in error.message
+
+
+@pytest.mark.parametrize("field", ["strength", "scale", "eta"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "nan", "inf", "-Infinity"])
+def test_non_finite_refused(field, value):
+    error = _error({"prompt": "p", field: value})
+    assert error.field == field and "finite" in error.message
+
+
+@pytest.mark.parametrize("field", ["num_samples", "ddim_steps", "seed", "image_resolution", "low_threshold"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, "nan", 2.5, "2.5", "ten", None, [1]])
+def test_bad_int_refused(field, value):
+    assert _error({"prompt": "p", field: value}).field == field
+
+
+@pytest.mark.parametrize("field", ["num_samples", "ddim_steps", "seed", "low_threshold", "high_threshold"])
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_for_int_refused(field, value):
+    error = _error({"prompt": "p", field: value})
+    assert error.field == field and "boolean" in error.message
+
+
+@pytest.mark.parametrize("field", ["strength", "scale", "eta"])
+def test_boolean_for_float_refused(field):
+    assert _error({"prompt": "p", field: True}).field == field
+
+
+@pytest.mark.parametrize("value", [None, "x", [1.0]])
+def test_bad_float_refused(value):
+    assert _error({"prompt": "p", "scale": value}).field == "scale"
+
+
+def test_unknown_field_refused():
+    error = _error({"prompt": "p", "steps": 20})
+    assert error.field == "steps" and "unknown" in error.message and "ddim_steps" in error.message
+
+
+def test_prompt_required():
+    assert _error({"num_samples": 1}).field == "prompt"
+    assert _error({}).field == "prompt"
+
+
+def test_empty_prompt_allowed():
+    assert parse_params({"prompt": ""}).prompt == ""
+
+
+@pytest.mark.parametrize("field", ["prompt", "a_prompt", "n_prompt"])
+def test_text_length_capped(field):
+    raw = {"prompt": "p", field: "x" * 2000}
+    assert getattr(parse_params(raw), field) == "x" * 2000
+    error = _error({**raw, field: "x" * 2001})
+    assert error.field == field and "2000" in error.message
+
+
+@pytest.mark.parametrize("field", ["prompt", "a_prompt", "n_prompt"])
+def test_text_must_be_string(field):
+    assert _error({"prompt": "p", field: 5}).field == field
+
+
+def test_non_ascii_prompt_kept():
+    assert parse_params({"prompt": "猫 in a café 🐱"}).prompt == "猫 in a café 🐱"
+
+
+@pytest.mark.parametrize("value", [300, 257, 320 + 32])
+def test_image_resolution_multiple_of_64(value):
+    error = _error({"prompt": "p", "image_resolution": value})
+    assert error.field == "image_resolution" and "64" in error.message
+
+
+def test_image_resolution_multiples_accepted():
+    for value in range(256, 769, 64):
+        assert parse_params({"prompt": "p", "image_resolution": value}).image_resolution == value
+
+
+def test_limits_from_mapping_overrides():
+    limits = Limits.from_mapping({"image_resolution": [64, 1024], "num_samples": [1, 2], "prompt_chars": 10})
+    assert limits.image_resolution == (64, 1024) and limits.num_samples == (1, 2) and limits.prompt_chars == 10
+    assert limits.scale == Limits().scale  # untouched
+    assert parse_params({"prompt": "p", "image_resolution": 64}, limits).image_resolution == 64
+    assert parse_params({"prompt": "p", "image_resolution": 1024}, limits).image_resolution == 1024
+    assert _error({"prompt": "p", "image_resolution": 64}).field == "image_resolution"  # default limits unchanged
+    assert _error({"prompt": "p", "num_samples": 3}, limits).field == "num_samples"
+    assert _error({"prompt": "x" * 11}, limits).field == "prompt"
+
+
+def test_limits_from_mapping_unknown_refused():
+    with pytest.raises(ValueError, match="max_samples"):
+        Limits.from_mapping({"max_samples": [1, 2]})
+
+
+def test_resolution_step_configurable():
+    limits = Limits.from_mapping({"image_resolution": [64, 1024]})
+    assert parse_params({"prompt": "p", "image_resolution": 96}, limits, resolution_step=32).image_resolution == 96
+    with pytest.raises(ParamError):
+        parse_params({"prompt": "p", "image_resolution": 96}, limits)
+
+
+def test_seed_resolution():
+    fixed = GenerationParams(prompt="p", seed=1234)
+    assert fixed.with_resolved_seed() == fixed
+    assert GenerationParams(prompt="p", seed=0).with_resolved_seed().seed == 0
+    resolved = [GenerationParams(prompt="p").with_resolved_seed() for _ in range(8)]
+    for params in resolved:
+        assert 0 <= params.seed <= MAX_SEED and params.prompt == "p"
+    assert len({p.seed for p in resolved}) > 1  # random, not a constant
+
+
+def test_params_frozen():
+    params = GenerationParams(prompt="p")
+    with pytest.raises(Exception):
+        params.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, 2.0])
+def test_control_scales(strength):
+    assert control_scales(strength, False) == [strength] * 13
+    guess = control_scales(strength, True)
+    assert len(guess) == 13
+    for i, value in enumerate(guess):
+        assert value == pytest.approx(strength * 0.825 ** (12 - i), rel=1e-12)
+    assert guess[12] == strength and guess[0] == pytest.approx(strength * 0.0994140, rel=1e-5)
+    assert guess == sorted(guess)  # deep (middle) residuals keep the most
