@@ -269,3 +269,20 @@ def test_fp32_load_no_meta(tiny_pipeline):
 def test_unknown_precision_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="precision"):
         ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, device="cpu", precision="fp8")
+
+
+def test_bf16_conversion_releases_pages_without_corrupting_shared_storage(tmp_path):
+    """Two keys viewing one storage in the file: releasing the first one's mapped pages after converting it
+    must leave the second intact (file-backed pages fault back in from the file)."""
+    from torch import nn
+
+    from controlnet_canny.checkpoint import load_weights
+
+    shared = torch.randn(2, 4096)
+    path = tmp_path / "shared.pth"
+    torch.save({"0.weight": shared[0].view(64, 64), "1.weight": shared[1].view(64, 64)}, path)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+    load_weights(model, [path], torch.device("cpu"), torch.bfloat16)
+    assert torch.equal(model[0].weight, shared[0].view(64, 64).bfloat16())
+    assert torch.equal(model[1].weight, shared[1].view(64, 64).bfloat16())

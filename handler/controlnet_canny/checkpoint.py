@@ -7,7 +7,10 @@ device, so no second full copy of the weights exists at any time.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import pickle
+import sys
 import re
 import zipfile
 from collections.abc import Iterable
@@ -26,6 +29,12 @@ IGNORED_KEYS = frozenset({
     "logvar",
 })
 _LISTED = 10  # keys named per problem in an error message
+_MADV_DONTNEED = 4
+if sys.platform == "linux":
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+else:
+    _madvise = None
 
 
 class CheckpointError(ValueError):
@@ -68,6 +77,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _drop_resident_pages(tensor: torch.Tensor) -> None:
+    """Takes a converted tensor's memory-mapped source pages out of this process's resident set.
+
+    Converting to bf16 or moving to a GPU reads every fp32 page of the file; without this the whole file
+    would stay resident beside the converted weights until loading ends. The mapping is file-backed and
+    never written, so a later read (a key sharing the storage) just faults the page back in from the file.
+    """
+    if _madvise is None:
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _madvise(first, last - first, _MADV_DONTNEED)
+
+
 def _listing(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
@@ -108,7 +133,11 @@ def load_weights(
     if problems:
         files = ", ".join(str(p) for p in checkpoints)
         raise CheckpointError(f"checkpoint {files} does not fit this architecture: " + "; ".join(problems))
-    converted = {key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}
-    del tensors
+    converted = {}
+    for key in list(tensors):
+        source = tensors.pop(key)
+        converted[key] = source.to(device=device, dtype=dtype)
+        if converted[key].data_ptr() != source.data_ptr() and origin[key].suffix != ".safetensors":
+            _drop_resident_pages(source)
     model.load_state_dict(converted, strict=True, assign=True)
     model.requires_grad_(False)
