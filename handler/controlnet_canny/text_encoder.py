@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import ftfy
+import regex
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -14,6 +16,15 @@ START_ID = 49406
 END_ID = 49407
 
 
+# The reference's Hugging Face CLIPTokenizer splits text with this pattern; its special tokens are spelled
+# <|startoftext|> / <|endoftext|> (open_clip's own pattern spells them <start_of_text> / <end_of_text>).
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_SPECIAL = {"<|startoftext|>": START_ID, "<|endoftext|>": END_ID}
+
+
 @functools.cache
 def _bpe():
     from open_clip.tokenizer import SimpleTokenizer  # ships the CLIP BPE vocabulary offline
@@ -21,12 +32,31 @@ def _bpe():
     return SimpleTokenizer()
 
 
+def _encode(text: str) -> list[int]:
+    """BPE ids as the reference's (slow, ftfy-installed) CLIPTokenizer computes them.
+
+    Cleaning is ftfy.fix_text, whitespace runs to one space, strip, lower case: open_clip's `encode` also
+    html-unescapes twice and treats <start_of_text>/<end_of_text> as special, the reference does neither; and
+    a literal <|endoftext|> in a prompt is the end id in the reference, so it is here.
+    """
+    bpe = _bpe()
+    text = regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
+    ids: list[int] = []
+    for token in _PATTERN.findall(text):
+        if token in _SPECIAL:
+            ids.append(_SPECIAL[token])
+            continue
+        token = "".join(bpe.byte_encoder[b] for b in token.encode("utf-8"))
+        ids.extend(bpe.encoder[piece] for piece in bpe.bpe(token).split(" "))
+    return ids
+
+
 def tokenize(prompt: str, context_length: int = 77) -> list[int]:
     """Ids as the reference's CLIPTokenizer gives them: start, BPE, end; truncated keeping end last; padded with end.
 
     open_clip's own `__call__` pads with 0, which changes the context, so only its BPE is used here.
     """
-    ids = [START_ID] + _bpe().encode(prompt)[: context_length - 2] + [END_ID]
+    ids = [START_ID] + _encode(prompt)[: context_length - 2] + [END_ID]
     return ids + [END_ID] * (context_length - len(ids))
 
 
