@@ -33,4 +33,21 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 clean:
-	rm -rf artifacts model_store/*.mar logs
+	rm -rf artifacts model_store/controlnet logs
+
+# Serving. The model directory (TorchServe's "no-archive" format, see scripts/build_mar.py) from the tiny checkpoint.
+MAR := model_store/controlnet/MAR-INF/MANIFEST.json
+.PHONY: mar serve stop
+
+$(MAR): $(TINY) scripts/build_mar.py handler/controlnet_handler.py handler/serving.py handler/model-config.yaml \
+		$(wildcard handler/controlnet_canny/*.py handler/controlnet_canny/configs/*.yaml)
+	$(PY) scripts/build_mar.py
+
+mar: $(MAR)
+
+# Starts TorchServe in the background on 127.0.0.1:8080-8082 and prints how to call it.
+serve: $(MAR)
+	scripts/serve.sh start
+
+stop:
+	scripts/serve.sh stop

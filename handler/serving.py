@@ -1,0 +1,257 @@
+"""Request parsing and response encoding for the TorchServe handler, free of TorchServe so that unit tests
+can drive it without a server.
+
+A request is a multipart form (an `image` file part plus text fields) or a JSON object (with `image` as
+base64). Besides the generation parameters of `controlnet_canny.params`, three transport fields exist:
+`output` (zip | png | json, else the Accept header decides), `stream` (newline-delimited JSON progress
+events, then the result) and `mode` (generate | edges: the edge map alone, no diffusion).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from controlnet_canny.bundle import encode_png, make_bundle
+from controlnet_canny.params import GenerationParams, Limits, ParamError, _as_bool, parse_params
+from controlnet_canny.pipeline import PRECISIONS, Prepared
+from controlnet_canny.preprocess import decode_image
+
+GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
+TRANSPORT_FIELDS = ("image", "output", "stream", "mode")
+MODES = ("generate", "edges")
+OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
+STREAM_TYPE = "application/x-ndjson"
+DEFAULT_OUTPUT = "zip"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The `handler:` section of model-config.yaml. Paths are relative to the model directory."""
+    checkpoints: tuple[str, ...]
+    model_config: str
+    precision: str = "fp32"
+    device: str = "auto"  # auto: the GPU TorchServe assigns to the worker, else the pipeline's choice
+    threads: int = 0  # torch threads per worker; 0: the usable cores divided by maxWorkers
+    max_image_bytes: int = 16 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_batch_samples: int = 12  # samples per sampler batch; bounds memory when batched requests ask many
+    limits: Limits = Limits()
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # request field defaults, e.g. image_resolution
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> ServingConfig:
+        """Validates the section so that a configuration mistake fails the build or the worker start, not a request."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"handler: unknown keys {unknown}; known: {sorted(known)}")
+        for required in ("checkpoints", "model_config"):
+            if not section.get(required):
+                raise ValueError(f"handler.{required} is required (scripts/build_mar.py sets it)")
+        if section.get("precision", "fp32") not in PRECISIONS:
+            raise ValueError(f"handler.precision must be one of {sorted(PRECISIONS)}, got {section['precision']!r}")
+        values = dict(section)
+        values["checkpoints"] = tuple(section["checkpoints"])
+        values["limits"] = Limits.from_mapping(section.get("limits") or {})
+        values["defaults"] = dict(section.get("defaults") or {})
+        config = cls(**values)
+        allowed = set(GENERATION_FIELDS) - {"prompt"}  # the prompt is always the client's
+        if set(config.defaults) - allowed:
+            raise ValueError(f"handler.defaults: {sorted(set(config.defaults) - allowed)} cannot have defaults; allowed: {sorted(allowed)}")
+        try:
+            parse_params({"prompt": "", **config.defaults}, config.limits)
+        except ParamError as err:
+            raise ValueError(f"handler.defaults.{err.field}: {err.message}") from None
+        return config
+
+    def worker_threads(self, max_workers: int) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)) // max(1, max_workers))
+
+
+@dataclass(frozen=True)
+class ServingRequest:
+    params: GenerationParams
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    output: str  # a key of OUTPUT_TYPES
+    stream: bool
+    mode: str  # one of MODES
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str:
+    """Header lookup by case-insensitive name; TorchServe passes the names as the client spelled them."""
+    for key, value in headers.items():
+        if key.lower() == name and isinstance(value, str):
+            return value
+    return ""
+
+
+def _form_text(name: str, value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ParamError(name, "is not UTF-8 text") from None
+    return value
+
+
+def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The client's fields, whatever the encoding. TorchServe hands a JSON body over as {"body": parsed} (the raw
+    bytes when it is not valid JSON) and a form as one entry per part (bytes)."""
+    content_type = _header(headers, "content-type").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        body = row.get("body", {})
+        if isinstance(body, (bytes, bytearray)):
+            raise ParamError("body", "is not valid JSON")
+        if not isinstance(body, dict):
+            raise ParamError("body", f"must be a JSON object, got {type(body).__name__}")
+        return dict(body)
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        fields = {name: _form_text(name, value) for name, value in row.items() if name != "image"}
+        if "image" in row:  # TorchServe hands a text/* part over as str when it is UTF-8, which no image is
+            fields["image"] = row["image"].encode() if isinstance(row["image"], str) else row["image"]
+        return fields
+    raise ParamError("Content-Type", f"must be multipart/form-data or application/json, got {content_type or 'none'!r}")
+
+
+def _image_bytes(value: Any, max_bytes: int) -> bytes:
+    """A form part carries the file itself; JSON carries base64 text."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ParamError("image", f"must be base64 text in JSON, got {type(value).__name__}")
+    if len(value) * 3 // 4 > max_bytes:  # refuse before decoding: the decoded size is 3/4 of the text
+        raise ParamError("image", f"is about {len(value) * 3 // 4} bytes; at most {max_bytes} allowed")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ParamError("image", "is not valid base64") from None
+
+
+def _output_from_accept(accept: str) -> str:
+    """The first media type of the Accept header that we produce; */*, none or anything else: the default."""
+    by_type = {media: name for name, media in OUTPUT_TYPES.items()}
+    for entry in accept.split(","):
+        media = entry.split(";")[0].strip().lower()
+        if media in by_type:
+            return by_type[media]
+    return DEFAULT_OUTPUT
+
+
+def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: ServingConfig) -> ServingRequest:
+    """One TorchServe request row to a validated request; every client mistake is a ParamError naming its field."""
+    raw = request_fields(row, headers)
+    unknown = sorted(set(raw) - set(GENERATION_FIELDS) - set(TRANSPORT_FIELDS))
+    if unknown:
+        raise ParamError(unknown[0], f"unknown field; known fields: {', '.join(TRANSPORT_FIELDS + GENERATION_FIELDS)}")
+    mode = raw.pop("mode", "generate")
+    if mode not in MODES:
+        raise ParamError("mode", f"must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
+    stream = _as_bool("stream", raw.pop("stream", False))
+    output = raw.pop("output", None)
+    if output not in (None, *OUTPUT_TYPES):  # a tuple: JSON may send unhashable values
+        raise ParamError("output", f"must be one of {', '.join(OUTPUT_TYPES)}, got {str(output)[:40]!r}")
+    if stream:
+        if output not in (None, "json"):
+            raise ParamError("stream", "a stream ends with the JSON result; use output=json or leave output unset")
+        output = "json"
+    output = output or _output_from_accept(_header(headers, "accept"))
+    if "image" not in raw:
+        raise ParamError("image", "is required: a PNG, JPEG or WebP file part, or base64 text in JSON")
+    image = decode_image(_image_bytes(raw.pop("image"), config.max_image_bytes), config.max_image_bytes, config.max_image_pixels)
+    if mode == "edges":
+        raw.setdefault("prompt", "")  # no diffusion: the prompt plays no part
+    params = parse_params({**config.defaults, **raw}, config.limits)
+    if mode == "generate" and output == "png" and params.num_samples != 1:
+        raise ParamError("output", f"png holds one image but num_samples is {params.num_samples}; use zip or json")
+    return ServingRequest(params, image, output, stream, mode)
+
+
+def batch_groups(prepared: Mapping[int, Prepared], max_samples: int) -> list[list[int]]:
+    """Indices of requests that can share one sampler batch (equal batch_key), each group holding at most
+    `max_samples` samples (a single larger request still runs, alone)."""
+    by_key: dict[tuple, list[list[int]]] = {}
+    for index, item in prepared.items():
+        chunks = by_key.setdefault(item.batch_key, [[]])
+        samples = sum(prepared[i].params.num_samples for i in chunks[-1])
+        if chunks[-1] and samples + item.params.num_samples > max_samples:
+            chunks.append([])
+        chunks[-1].append(index)
+    return [chunk for chunks in by_key.values() for chunk in chunks]
+
+
+def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: int | None) -> dict[str, Any]:
+    """Everything needed to reproduce a result: the parameters with the seed resolved, the seeds of all
+    samples, the size generated, the model, and the DDIM steps visited (None in edges mode)."""
+    height, width = prepared.edge_map.shape
+    return {
+        **prepared.params.to_dict(),
+        "seeds": prepared.seeds,
+        "ddim_steps_visited": steps,
+        "height": height,
+        "width": width,
+        **model,
+    }
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_result(request: ServingRequest, prepared: Prepared, images: Sequence[np.ndarray] | None,
+                  parameters: Mapping[str, Any]) -> Response:
+    """The result in the asked format; every PNG carries `parameters` (a sample's with its own seed).
+    `images` is None in edges mode."""
+    edge_png = encode_png(prepared.edge_map, parameters)
+    samples = [encode_png(image, {**parameters, "seed": seed}) for image, seed in zip(images or [], prepared.seeds)]
+    seed_header = {"X-Seeds": ",".join(map(str, prepared.seeds))} if images is not None else {}
+    stem = f"controlnet_{prepared.params.seed}" if images is not None else "edge_map"
+    if request.output == "json":
+        body = {"parameters": dict(parameters), "images": [_b64(png) for png in samples], "edge_map": _b64(edge_png)}
+        return Response(200, json.dumps(body).encode(), OUTPUT_TYPES["json"], seed_header)
+    if request.output == "png":
+        png = samples[0] if samples else edge_png
+        return Response(200, png, OUTPUT_TYPES["png"], {**seed_header, "Content-Disposition": f'attachment; filename="{stem}.png"'})
+    return Response(200, make_bundle(samples, edge_png, parameters), OUTPUT_TYPES["zip"],
+                    {**seed_header, "Content-Disposition": f'attachment; filename="{stem}.zip"'})
+
+
+def error_response(status: int, error: str, field_name: str | None) -> Response:
+    body = json.dumps({"error": error, "field": field_name}).encode()
+    return Response(status, body, OUTPUT_TYPES["json"])
+
+
+def param_error_response(err: ParamError) -> Response:
+    return error_response(400, str(err), err.field)
+
+
+def progress_event(done: int, total: int) -> bytes:
+    return json.dumps({"event": "progress", "step": done, "steps": total}).encode() + b"\n"
+
+
+def stream_final_line(response: Response) -> bytes:
+    """The last line of a stream: the JSON result, or the error (the HTTP status, 200, left with the first event)."""
+    event = "result" if response.status == 200 else "error"
+    return json.dumps({"event": event, **json.loads(response.body)}).encode() + b"\n"
+
+
+def error_reason(field_name: str | None) -> str:
+    """A metric label from a fixed set: the field at fault when it is a known one (clients choose unknown names)."""
+    known = set(GENERATION_FIELDS) | set(TRANSPORT_FIELDS) | {"body", "Content-Type"}
+    return field_name if field_name in known else "unknown_field"

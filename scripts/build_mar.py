@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Builds the TorchServe model `model_store/<name>/` from a checkpoint (default: the generated tiny one).
+
+torch-model-archiver packs the handler, the `controlnet_canny` package, the architecture YAML and
+model-config.yaml in its "no-archive" format: a plain directory that TorchServe serves in place (it links
+to it; a .mar zip would be extracted to a temporary directory on every start). The checkpoints are then
+hard-linked into that directory, never passed through the archiver, which would copy them twice (once to
+its staging directory, once to the export path); a 5.7 GB file thus costs no copy at all when the model
+store is on the checkpoint's file system, and exactly one otherwise.
+
+Examples:
+  build_mar.py                                                        # tiny model (make mar)
+  build_mar.py --checkpoint models/control_sd15_canny.pth             # v1.0
+  build_mar.py --checkpoint models/v1-5-pruned.ckpt --checkpoint models/control_v11p_sd15_canny.pth \\
+               --set handler.defaults.eta=1.0 --set handler.precision=bf16   # v1.1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HANDLER_DIR = ROOT / "handler"
+sys.path.insert(0, str(HANDLER_DIR))
+
+from controlnet_canny.config import CONFIG_DIR  # noqa: E402
+from serving import ServingConfig  # noqa: E402
+
+TINY_CHECKPOINT = ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"
+TINY_CONFIG = CONFIG_DIR / "cldm_tiny.yaml"
+# The tiny architecture (random weights: the embedded demo and test model) is sized for 64x64 images.
+TINY_SETTINGS = {"handler.limits.image_resolution": [64, 768], "handler.defaults.image_resolution": 64}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", type=Path,
+                        help="checkpoint file; give twice for v1.1 (SD 1.5 base, then the control-only file). "
+                             f"Default: {TINY_CHECKPOINT.relative_to(ROOT)}")
+    parser.add_argument("--arch-config", type=Path,
+                        help="architecture YAML (default: cldm_tiny.yaml for the tiny model, else cldm_v15.yaml)")
+    parser.add_argument("--model-config", type=Path, default=HANDLER_DIR / "model-config.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model-config.yaml entry; dotted key, YAML value (e.g. handler.precision=bf16)")
+    parser.add_argument("--model-name", default="controlnet")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    args = parser.parse_args(argv)
+    if args.arch_config is None:
+        args.arch_config = TINY_CONFIG if args.checkpoint is None else CONFIG_DIR / "cldm_v15.yaml"
+    args.checkpoint = args.checkpoint or [TINY_CHECKPOINT]
+    return args
+
+
+def set_dotted(config: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[leaf] = value
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    config = yaml.safe_load(args.model_config.read_text())
+    settings = dict(TINY_SETTINGS) if args.arch_config.name == TINY_CONFIG.name else {}
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            sys.exit(f"error: --set {override!r}: expected KEY=VALUE")
+        settings[key] = yaml.safe_load(value)
+    for key, value in settings.items():
+        set_dotted(config, key, value)
+    config["handler"]["checkpoints"] = [path.name for path in args.checkpoint]
+    config["handler"]["model_config"] = args.arch_config.name
+    try:
+        ServingConfig.from_mapping(config["handler"])
+    except ValueError as err:
+        sys.exit(f"error: {args.model_config}: {err}")
+    return config
+
+
+def place_checkpoint(source: Path, target: Path) -> str:
+    """Hard link (no copy, no extra disk) where the file systems allow, else one plain copy."""
+    try:
+        os.link(source, target)
+        return "hard-linked"
+    except OSError:
+        shutil.copyfile(source, target)
+        return "copied (another file system than the model store)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    missing = [str(p) for p in [*args.checkpoint, args.arch_config] if not p.is_file()]
+    if missing:
+        sys.exit(f"error: not found: {', '.join(missing)}")
+    if len({p.name for p in args.checkpoint}) != len(args.checkpoint):
+        sys.exit("error: checkpoints must have distinct file names (they sit side by side in the model directory)")
+    config = model_config(args)
+    export_dir = args.export_path / args.model_name
+    if export_dir.exists():
+        if not (export_dir / "MAR-INF" / "MANIFEST.json").is_file():
+            sys.exit(f"error: {export_dir} exists and is not a model directory; not replacing it")
+        shutil.rmtree(export_dir)
+    args.export_path.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix="build_mar_") as tmp:
+        staging = Path(tmp) / "files"
+        shutil.copytree(HANDLER_DIR / "controlnet_canny", staging / "controlnet_canny",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(HANDLER_DIR / "serving.py", staging)
+        shutil.copy2(args.arch_config, staging)
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        # The archiver stages files in $TMPDIR/<model-name> and deletes whatever is there first: give it its own.
+        archiver_tmp = Path(tmp) / "archiver"
+        archiver_tmp.mkdir()
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torch-model-archiver"),
+             "--model-name", args.model_name, "--version", args.version,
+             "--handler", str(HANDLER_DIR / "controlnet_handler.py"),
+             "--extra-files", str(staging), "--config-file", str(config_file),
+             "--archive-format", "no-archive", "--export-path", str(args.export_path)],
+            check=True, env={**os.environ, "TMPDIR": str(archiver_tmp)},
+        )
+    for checkpoint in args.checkpoint:
+        how = place_checkpoint(checkpoint, export_dir / checkpoint.name)
+        print(f"{checkpoint} -> {export_dir / checkpoint.name}: {how}")
+    print(f"model {args.model_name!r} ready in {export_dir} (serve it with: make serve)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Client of the ControlNet canny TorchServe endpoint.
+
+  client.py ping                                            exit 0 when TorchServe answers /ping Healthy
+  client.py ready                                           exit 0 when the model has a worker READY
+  client.py generate --image in.png --prompt "a house" --out result/
+      streams progress (a bar per DDIM step) and saves sample_00.png..., edge_map.png, params.json
+  client.py sweep --image in.png --out dataset/ --prompt "a house" "a barn" --seed 0:9:1 --strength 0.5:1.5:0.5
+      runs the grid (every combination) with bounded concurrency, writes the images and manifest.jsonl
+      (one row per image: every parameter and its own seed); run it again to resume: items already in
+      the manifest are skipped.
+
+Numeric grid values are numbers or inclusive ranges START:STOP:STEP. Other request fields go in
+--param NAME=VALUE (e.g. --param ddim_steps=30). The API key is read from TorchServe's key_file.json.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import itertools
+import json
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID_AXES = {  # option -> (request field, value type)
+    "prompt": ("prompt", str),
+    "seed": ("seed", int),
+    "strength": ("strength", float),
+    "scale": ("scale", float),
+    "low_threshold": ("low_threshold", int),
+    "high_threshold": ("high_threshold", int),
+}
+MANIFEST = "manifest.jsonl"
+
+
+class Client:
+    def __init__(self, url: str, model: str, key: str):
+        self.url = url.rstrip("/")
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self._local = threading.local()  # a requests.Session per thread
+
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def ping(self) -> bool:
+        response = self.session.get(f"{self.url}/ping", headers=self.headers, timeout=10)
+        return response.ok and response.json().get("status") == "Healthy"
+
+    def predict(self, image: Path, fields: dict, stream: bool = False) -> requests.Response:
+        data = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in fields.items()}
+        return self.session.post(
+            f"{self.url}/predictions/{self.model}", headers=self.headers, data=data,
+            files={"image": (image.name, image.read_bytes())}, stream=stream, timeout=3600,
+        )
+
+
+def fail(response: requests.Response) -> None:
+    try:
+        detail = response.json()
+    except ValueError:
+        detail = response.text[:500]
+    sys.exit(f"error: HTTP {response.status_code}: {detail}")
+
+
+def save_result(result: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "edge_map.png", out / "params.json"]
+    written[0].write_bytes(base64.b64decode(result["edge_map"]))
+    written[1].write_text(json.dumps(result["parameters"], indent=2) + "\n")
+    for index, png in enumerate(result["images"]):
+        written.append(out / f"sample_{index:02d}.png")
+        written[-1].write_bytes(base64.b64decode(png))
+    return written
+
+
+def generate(client: Client, args: argparse.Namespace) -> None:
+    fields = {**parse_params(args.param), "prompt": args.prompt, "stream": True}
+    if args.edges:
+        fields["mode"] = "edges"
+    response = client.predict(args.image, fields, stream=True)
+    if response.status_code != 200:
+        fail(response)
+    result = None
+    with response, tqdm(desc="denoising", unit="step", disable=args.edges) as bar:
+        for line in filter(None, response.iter_lines()):
+            event = json.loads(line)
+            if event["event"] == "progress":
+                bar.total = event["steps"]
+                bar.update(event["step"] - bar.n)
+            elif event["event"] == "error":
+                sys.exit(f"error: {event['error']}")
+            else:
+                result = event
+    if result is None:
+        sys.exit("error: the stream ended without a result")
+    for path in save_result(result, args.out):
+        print(path)
+    print(f"seeds: {result['parameters']['seeds']}")
+
+
+def numbers(text: str, kind: type) -> list:
+    """'5' -> [5]; '0.5:1.5:0.5' -> [0.5, 1.0, 1.5] (inclusive). Raises ValueError."""
+    if ":" not in text:
+        return [kind(text)]
+    start, stop, step = (kind(part) for part in text.split(":"))
+    if step <= 0:
+        raise ValueError(f"{text}: the step must be positive")
+    count = int(round((stop - start) / step, 9)) + 1
+    return [kind(round(start + i * step, 9)) for i in range(max(count, 0))]
+
+
+def parse_params(pairs: list[str]) -> dict:
+    fields = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            sys.exit(f"error: --param {pair!r}: expected NAME=VALUE")
+        fields[name] = value
+    return fields
+
+
+def grid(args: argparse.Namespace) -> list[dict]:
+    axes = []
+    for option, (field, kind) in GRID_AXES.items():
+        values = getattr(args, option)
+        if values:
+            try:
+                expanded = values if kind is str else [v for text in values for v in numbers(text, kind)]
+            except ValueError as err:
+                sys.exit(f"error: --{option.replace('_', '-')}: {err}")
+            axes.append([(field, value) for value in expanded])
+    fixed = parse_params(args.param)
+    return [{**fixed, **dict(combination)} for combination in itertools.product(*axes)]
+
+
+def item_id(fields: dict, image_digest: str) -> str:
+    """Stable across runs and grid changes: names the files and marks the item done in the manifest."""
+    return hashlib.sha1(json.dumps([fields, image_digest], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def done_items(manifest: Path) -> set[str]:
+    done = set()
+    if manifest.exists():
+        for line in manifest.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["item"])
+            except (ValueError, KeyError):
+                continue  # a line cut short by an interrupted run: its item runs again
+    return done
+
+
+def sweep(client: Client, args: argparse.Namespace) -> None:
+    items = grid(args)
+    if not all("prompt" in fields for fields in items):
+        sys.exit("error: give --prompt (one or more) or --param prompt=...")
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest = args.out / MANIFEST
+    image_digest = hashlib.sha1(args.image.read_bytes()).hexdigest()
+    done = done_items(manifest)
+    pending = [fields for fields in items if item_id(fields, image_digest) not in done]
+    print(f"{len(items)} items in the grid, {len(items) - len(pending)} already in {manifest}, {len(pending)} to run")
+    if manifest.exists() and manifest.stat().st_size and not manifest.read_bytes().endswith(b"\n"):
+        with manifest.open("a") as file:
+            file.write("\n")  # end the line an interrupted run left unfinished
+
+    def run(fields: dict) -> dict:
+        response = client.predict(args.image, {**fields, "output": "json"})
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    failures = 0
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool, manifest.open("a") as rows, \
+            tqdm(total=len(pending), desc="sweep", unit="item") as bar:
+        futures = {pool.submit(run, fields): fields for fields in pending}
+        for future in as_completed(futures):
+            fields = futures[future]
+            key = item_id(fields, image_digest)
+            bar.update()
+            try:
+                result = future.result()
+            except (RuntimeError, requests.RequestException) as err:
+                failures += 1
+                tqdm.write(f"item {key} {fields}: {err}")
+                continue
+            parameters = result["parameters"]
+            lines = []
+            for index, png in enumerate(result["images"]):
+                name = f"{key}_{index:02d}.png"
+                (args.out / name).write_bytes(base64.b64decode(png))
+                lines.append(json.dumps({
+                    "item": key, "file": name, "sample_index": index,
+                    **parameters, "seed": parameters["seeds"][index], "request": fields, "image": str(args.image),
+                }))
+            rows.write("".join(line + "\n" for line in lines))  # after the images: a listed item is complete
+            rows.flush()
+    if failures:
+        sys.exit(f"{failures} item(s) failed; run the same command again to retry them")
+
+
+def read_key(key_file: Path, kind: str) -> str:
+    """kind: inference (port 8080) or management (port 8081)."""
+    try:
+        return json.loads(key_file.read_text())[kind]["key"]
+    except (OSError, ValueError, KeyError) as err:
+        sys.exit(f"error: cannot read the {kind} key from {key_file} ({err}); is TorchServe running?")
+
+
+def model_ready(args: argparse.Namespace) -> bool:
+    """/ping turns Healthy once the workers run, before they have loaded the model: ask the management API."""
+    response = requests.get(f"{args.management_url.rstrip('/')}/models/{args.model}", timeout=10,
+                            headers={"Authorization": f"Bearer {read_key(args.key_file, 'management')}"})
+    return response.ok and any(w["status"] == "READY" for model in response.json() for w in model["workers"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--model", default="controlnet")
+    parser.add_argument("--key-file", type=Path, default=ROOT / "artifacts" / "serve" / "key_file.json")
+    parser.add_argument("--key", help="the inference key itself (default: read from --key-file)")
+    parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="for ready")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ping", help="exit 0 when TorchServe answers /ping Healthy")
+    commands.add_parser("ready", help="exit 0 when the model has a worker READY (needs the management key)")
+
+    one = commands.add_parser("generate", help="one request, with a progress bar")
+    one.add_argument("--image", type=Path, required=True)
+    one.add_argument("--prompt", required=True)
+    one.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    one.add_argument("--edges", action="store_true", help="the edge map only (no diffusion)")
+    one.add_argument("--out", type=Path, default=Path("result"))
+
+    many = commands.add_parser("sweep", help="a parameter grid, resumable")
+    many.add_argument("--image", type=Path, required=True)
+    many.add_argument("--out", type=Path, required=True)
+    for option, (_, kind) in GRID_AXES.items():
+        many.add_argument("--" + option.replace("_", "-"), nargs="+", metavar="VALUE" if kind is str else "N|A:B:STEP")
+    many.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fixed for every item")
+    many.add_argument("--concurrency", type=int, default=2, help="requests in flight at once")
+    args = parser.parse_args(argv)
+    if args.command == "sweep" and args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "ready":
+        try:
+            sys.exit(0 if model_ready(args) else 1)
+        except requests.RequestException:
+            sys.exit(1)
+    client = Client(args.url, args.model, args.key or read_key(args.key_file, "inference"))
+    if args.command == "ping":
+        try:
+            sys.exit(0 if client.ping() else 1)
+        except requests.RequestException:
+            sys.exit(1)
+    {"generate": generate, "sweep": sweep}[args.command](client, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Starts TorchServe on the model in model_store/ (build it first: `make mar`; `make serve` does it all),
+# waits until it answers, and prints how to call it. Stops it with `stop`; `foreground` is for containers.
+#
+#   scripts/serve.sh [start|stop|foreground]
+#
+# TorchServe writes key_file.json (the API keys) to its working directory: that is RUN_DIR, with the logs.
+# Environment: TS_CONFIG (default: config.properties), RUN_DIR (default: artifacts/serve), WAIT_S (how long
+# `start` waits for the model to load, default 900: the real checkpoint from a cold disk takes minutes).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CONFIG=$(realpath "${TS_CONFIG:-$ROOT/config.properties}")
+RUN_DIR=$(realpath -m "${RUN_DIR:-$ROOT/artifacts/serve}")
+BIN=$ROOT/.venv/bin
+export LOG_LOCATION=$RUN_DIR/logs METRICS_LOCATION=$RUN_DIR/logs
+mkdir -p "$LOG_LOCATION"
+cd "$RUN_DIR"
+
+setting() { sed -n "s/^$1=//p" "$CONFIG" | tail -n 1; }
+INFERENCE_URL=$(setting inference_address)
+TS_ARGS=(--ts-config "$CONFIG" --model-store "$ROOT/model_store" --ncs)
+
+case "${1:-start}" in
+  stop)
+    "$BIN/torchserve" --stop
+    ;;
+  foreground)
+    exec "$BIN/torchserve" --start --foreground "${TS_ARGS[@]}"
+    ;;
+  start)
+    if ! command -v java >/dev/null && [ ! -x "${JAVA_HOME:-/nonexistent}/bin/java" ]; then
+      echo "TorchServe needs Java 11 or later (java is not on PATH, JAVA_HOME is not set)" >&2
+      exit 1
+    fi
+    # The console repeats ts_log.log without rotation: in the background only the log files are kept.
+    if ! "$BIN/torchserve" --start "${TS_ARGS[@]}" >/dev/null 2>&1; then
+      echo "TorchServe did not start; is it running already (make stop)?" >&2
+      exit 1
+    fi
+    PID_FILE=${TMPDIR:-/tmp}/.model_server.pid  # where the torchserve launcher records the server's pid
+    echo "Waiting for TorchServe and the model (logs: $LOG_LOCATION) ..."
+    for _ in $(seq 1 "${WAIT_S:-900}"); do
+      if ! kill -0 "$(cat "$PID_FILE" 2>/dev/null)" 2>/dev/null; then
+        echo "TorchServe exited; see $LOG_LOCATION/ts_log.log" >&2
+        exit 1
+      fi
+      if "$BIN/python" "$ROOT/scripts/client.py" --management-url "$(setting management_address)" \
+          --key-file "$RUN_DIR/key_file.json" ready 2>/dev/null; then
+        cat <<EOF
+
+TorchServe is serving "controlnet" at $INFERENCE_URL (management $(setting management_address), metrics $(setting metrics_address)).
+API keys: $RUN_DIR/key_file.json
+
+  KEY=\$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' $RUN_DIR/key_file.json)
+  curl -H "Authorization: Bearer \$KEY" -F image=@tests/data/house.png -F prompt="a house" \\
+       -o result.zip $INFERENCE_URL/predictions/controlnet
+  .venv/bin/python scripts/client.py generate --image tests/data/house.png --prompt "a house" --out result/
+
+Stop it with: make stop
+EOF
+        exit 0
+      fi
+      sleep 1
+    done
+    echo "The model was not ready after ${WAIT_S:-900} s; see $LOG_LOCATION/ts_log.log and model_log.log" >&2
+    exit 1
+    ;;
+  *)
+    echo "usage: $0 [start|stop|foreground]" >&2
+    exit 2
+    ;;
+esac

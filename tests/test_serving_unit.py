@@ -1,0 +1,268 @@
+"""The serving layer without a server: request parsing, output negotiation, batching groups, response
+encoding, and the TorchServe handler driven through a real `ts.context.Context`."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))  # the handler's modules, as TorchServe loads them
+
+import serving  # noqa: E402
+from controlnet_canny.bundle import read_png_parameters  # noqa: E402
+from controlnet_canny.config import CONFIG_DIR  # noqa: E402
+from controlnet_canny.params import ParamError  # noqa: E402
+from controlnet_canny.pipeline import Prepared  # noqa: E402
+
+FORM = {"Content-Type": "multipart/form-data; boundary=x"}
+JSON = {"Content-Type": "application/json"}
+TINY = {"checkpoints": ["control_tiny_canny.pth"], "model_config": "cldm_tiny.yaml",
+        "limits": {"image_resolution": [64, 768]}, "defaults": {"image_resolution": 64}}
+
+
+def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def config() -> serving.ServingConfig:
+    return serving.ServingConfig.from_mapping(TINY)
+
+
+@pytest.fixture(scope="module")
+def house_png(house_image) -> bytes:
+    return png_bytes(house_image)
+
+
+def form(fields: dict, image: bytes | None) -> dict:
+    row = {name: str(value).encode() for name, value in fields.items()}
+    if image is not None:
+        row["image"] = image
+    return row
+
+
+# --- configuration --------------------------------------------------------------------------------------
+
+def test_config_defaults_and_limits_apply(config, house_png):
+    request = serving.parse_request(form({"prompt": "a"}, house_png), FORM, config)
+    assert request.params.image_resolution == 64
+    with pytest.raises(ParamError, match="between 64 and 768"):
+        serving.parse_request(form({"prompt": "a", "image_resolution": 32}, house_png), FORM, config)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({**TINY, "colour": 1}, "unknown keys"),
+    ({**TINY, "checkpoints": []}, "checkpoints is required"),
+    ({**TINY, "precision": "fp8"}, "precision"),
+    ({**TINY, "defaults": {"ddim_steps": 0}}, "defaults.ddim_steps"),
+    ({**TINY, "defaults": {"prompt": "x"}}, "cannot have defaults"),
+    ({**TINY, "limits": {"steps": [1, 2]}}, "unknown limits"),
+])
+def test_config_mistakes_are_named(section, message):
+    with pytest.raises(ValueError, match=message):
+        serving.ServingConfig.from_mapping(section)
+
+
+def test_model_config_template_is_valid_once_filled():
+    """handler/model-config.yaml with what scripts/build_mar.py fills in."""
+    section = yaml.safe_load(Path(serving.__file__).with_name("model-config.yaml").read_text())["handler"]
+    config = serving.ServingConfig.from_mapping({**section, "checkpoints": ["a.pth"], "model_config": "cldm_v15.yaml"})
+    assert config.worker_threads(max_workers=1) >= 1
+
+
+# --- request parsing ------------------------------------------------------------------------------------
+
+def test_multipart_and_json_give_the_same_request(config, house_png):
+    fields = {"prompt": "a house", "seed": 7, "strength": 0.5, "guess_mode": "true"}
+    from_form = serving.parse_request(form(fields, house_png), FORM, config)
+    body = {**fields, "guess_mode": True, "image": base64.b64encode(house_png).decode()}
+    from_json = serving.parse_request({"body": body}, JSON, config)
+    assert from_form.params == from_json.params
+    assert np.array_equal(from_form.image, from_json.image)
+    assert from_form.params.guess_mode is True and from_form.params.seed == 7
+
+
+@pytest.mark.parametrize("fields, accept, expected", [
+    ({}, None, "zip"),
+    ({}, "*/*", "zip"),
+    ({}, "image/png", "png"),
+    ({}, "application/json, image/png", "json"),
+    ({}, "text/html", "zip"),
+    ({"output": "json"}, "image/png", "json"),  # the field wins over the header
+    ({"stream": "true"}, None, "json"),
+])
+def test_output_format(config, house_png, fields, accept, expected):
+    headers = {**FORM, **({"Accept": accept} if accept else {})}
+    assert serving.parse_request(form({"prompt": "a", **fields}, house_png), headers, config).output == expected
+
+
+@pytest.mark.parametrize("row, headers, field, fragment", [
+    ({"prompt": b"a"}, FORM, "image", "is required"),
+    ({"image": b"x"}, FORM, "image", "not a valid"),
+    ({"prompt": b"a", "image": "<svg/>"}, FORM, "image", "not a valid"),  # a text part, decoded by TorchServe
+    ({"prompt": b"a", "colour": b"red"}, FORM, "colour", "unknown field"),
+    ({"prompt": b"\xff\xfe"}, FORM, "prompt", "UTF-8"),
+    ({"prompt": b"a", "ddim_steps": b"0"}, FORM, "ddim_steps", "between 1 and 100"),
+    ({"prompt": b"a", "output": b"gif"}, FORM, "output", "zip, png, json"),
+    ({"prompt": b"a", "mode": b"paint"}, FORM, "mode", "generate, edges"),
+    ({"prompt": b"a", "stream": b"maybe"}, FORM, "stream", "true or false"),
+    ({"prompt": b"a", "stream": b"1", "output": b"zip"}, FORM, "stream", "output=json"),
+    ({"prompt": b"a", "num_samples": b"2", "output": b"png"}, FORM, "output", "num_samples is 2"),
+    ({"body": bytearray(b'{"prompt":')}, JSON, "body", "not valid JSON"),
+    ({"body": [1, 2]}, JSON, "body", "JSON object"),
+    ({"body": {"prompt": "a", "image": "***"}}, JSON, "image", "base64"),
+    ({"body": {"prompt": "a", "image": 5}}, JSON, "image", "base64 text"),
+    ({"body": {"prompt": "a", "output": ["zip"]}}, JSON, "output", "zip, png, json"),
+    ({"body": {"prompt": "a", "mode": {"edges": 1}}}, JSON, "mode", "generate, edges"),
+    ({"body": b"prompt=a"}, {"Content-Type": "text/plain"}, "Content-Type", "multipart/form-data"),
+])
+def test_client_mistakes_name_the_field(config, house_png, row, headers, field, fragment):
+    row = dict(row)
+    if field not in ("image", "body", "Content-Type") and "body" not in row:
+        row["image"] = house_png
+    with pytest.raises(ParamError) as caught:
+        serving.parse_request(row, headers, config)
+    assert caught.value.field == field
+    assert fragment in str(caught.value)
+
+
+def test_image_size_caps(house_png):
+    small = serving.ServingConfig.from_mapping({**TINY, "max_image_bytes": 100, "max_image_pixels": 10**6})
+    with pytest.raises(ParamError, match="at most 100"):
+        serving.parse_request(form({"prompt": "a"}, house_png), FORM, small)
+    with pytest.raises(ParamError, match="at most 100"):  # refused before base64 decoding
+        serving.parse_request({"body": {"prompt": "a", "image": "A" * 1000}}, JSON, small)
+    few_pixels = serving.ServingConfig.from_mapping({**TINY, "max_image_pixels": 1000})
+    with pytest.raises(ParamError, match="pixels"):
+        serving.parse_request(form({"prompt": "a"}, house_png), FORM, few_pixels)
+
+
+def test_edges_mode_needs_no_prompt(config, house_png):
+    request = serving.parse_request(form({"mode": "edges", "low_threshold": 50}, house_png), FORM, config)
+    assert request.mode == "edges" and request.params.low_threshold == 50
+
+
+def test_gray_and_rgba_images(config, house_image):
+    gray = png_bytes(house_image[:, :, 0])
+    rgba = png_bytes(np.dstack([house_image, np.full(house_image.shape[:2], 128, np.uint8)]))
+    for data in (gray, rgba):
+        image = serving.parse_request(form({"prompt": "a"}, data), FORM, config).image
+        assert image.shape == house_image.shape and image.dtype == np.uint8
+
+
+# --- batching and encoding ------------------------------------------------------------------------------
+
+def fake_prepared(config, num_samples=1, steps=20, size=64, seed=1) -> Prepared:
+    params = serving.parse_params({"prompt": "a", "num_samples": num_samples, "ddim_steps": steps, "seed": seed}, config.limits)
+    return Prepared(params, np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8))
+
+
+def test_batch_groups_by_key_and_sample_budget(config):
+    prepared = {
+        0: fake_prepared(config), 1: fake_prepared(config, steps=10), 2: fake_prepared(config, num_samples=4),
+        3: fake_prepared(config, num_samples=4), 4: fake_prepared(config, size=128), 5: fake_prepared(config, num_samples=8),
+    }
+    assert serving.batch_groups(prepared, max_samples=6) == [[0, 2], [3], [5], [1], [4]]
+
+
+def test_encoded_results_carry_parameters_and_seeds(config):
+    prepared = fake_prepared(config, num_samples=2, seed=40)
+    images = [np.full((64, 64, 3), value, np.uint8) for value in (10, 20)]
+    parameters = serving.effective_parameters(prepared, {"model": "controlnet", "model_version": "1.0"}, 20)
+    request = serving.ServingRequest(prepared.params, prepared.image, "zip", False, "generate")
+
+    bundle = serving.encode_result(request, prepared, images, parameters)
+    assert bundle.content_type == "application/zip" and bundle.headers["X-Seeds"] == "40,41"
+    with zipfile.ZipFile(io.BytesIO(bundle.body)) as archive:
+        assert archive.namelist() == ["sample_00.png", "sample_01.png", "edge_map.png", "params.yaml"]
+        written = yaml.safe_load(archive.read("params.yaml"))
+        assert read_png_parameters(archive.read("sample_01.png"))["seed"] == 41
+        assert read_png_parameters(archive.read("edge_map.png"))["seeds"] == [40, 41]
+    assert written["seeds"] == [40, 41] and written["ddim_steps_visited"] == 20 and written["model_version"] == "1.0"
+
+    as_json = serving.encode_result(dataclasses.replace(request, output="json"), prepared, images, parameters)
+    body = json.loads(as_json.body)
+    assert len(body["images"]) == 2 and body["parameters"]["seeds"] == [40, 41]
+    first = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))))
+    assert (first == 10).all()
+
+    edges = serving.encode_result(serving.ServingRequest(prepared.params, prepared.image, "png", False, "edges"),
+                                  prepared, None, serving.effective_parameters(prepared, {}, None))
+    assert edges.content_type == "image/png" and "X-Seeds" not in edges.headers
+
+
+def test_errors_stream_lines_and_metric_reasons():
+    response = serving.param_error_response(ParamError("scale", "must be between 0.1 and 30.0, got 99"))
+    assert response.status == 400
+    assert json.loads(response.body) == {"error": "scale: must be between 0.1 and 30.0, got 99", "field": "scale"}
+    assert json.loads(serving.stream_final_line(response)) == {"event": "error", **json.loads(response.body)}
+    assert json.loads(serving.progress_event(3, 20)) == {"event": "progress", "step": 3, "steps": 20}
+    assert serving.error_reason("scale") == "scale"
+    assert serving.error_reason("whatever-a-client-sends") == "unknown_field"
+
+
+# --- the handler over a real TorchServe context -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def handler(tiny_checkpoint, tmp_path_factory):
+    import torch
+    import ts
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    from controlnet_handler import ControlNetHandler
+
+    model_dir = tmp_path_factory.mktemp("model")
+    shutil.copy(tiny_checkpoint, model_dir)
+    shutil.copy(CONFIG_DIR / "cldm_tiny.yaml", model_dir)
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    context = Context("controlnet", str(model_dir), {"model": {"modelVersion": "1.0"}}, 4, None, "0.12.0",
+                      metrics=metrics, model_yaml_config={"maxWorkers": 1, "handler": {**TINY, "threads": 1}})
+    threads = torch.get_num_threads()
+    instance = ControlNetHandler()
+    instance.initialize(context)
+    yield instance, context
+    torch.set_num_threads(threads)
+
+
+def run_batch(handler, rows: list[tuple[dict, dict]]):
+    from ts.context import RequestProcessor
+
+    instance, context = handler
+    context.request_processor = [RequestProcessor(headers) for _, headers in rows]
+    context.request_ids = {i: f"request-{i}" for i in range(len(rows))}
+    context.metrics.request_ids = context.request_ids
+    bodies = instance.handle([row for row, _ in rows], context)
+    return [(context.get_response_status(i)[0], context.get_response_headers(i), body) for i, body in enumerate(bodies)]
+
+
+def images_of(body: bytes) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))).astype(int) for png in json.loads(body)["images"]]
+
+
+def test_handler_batch_isolates_a_bad_request_and_matches_single_requests(handler, house_png):
+    good_a = form({"prompt": "a house", "seed": 11, "ddim_steps": 4, "output": "json"}, house_png)
+    good_b = form({"prompt": "a barn", "seed": 22, "strength": 0.6, "num_samples": 2, "ddim_steps": 4, "output": "json"}, house_png)
+    bad = form({"prompt": "x", "scale": 99}, house_png)
+    batched = run_batch(handler, [(good_a, FORM), (bad, FORM), (good_b, FORM)])
+    assert [status for status, _, _ in batched] == [200, 400, 200]
+    assert json.loads(batched[1][2])["field"] == "scale"
+    assert batched[2][1]["X-Seeds"] == "22,23"
+    for row, (_, _, body) in ((good_a, batched[0]), (good_b, batched[2])):
+        [(status, _, alone)] = run_batch(handler, [(row, FORM)])
+        assert status == 200
+        for together, single in zip(images_of(body), images_of(alone)):
+            assert np.abs(together - single).max() <= 1  # per-sample seeds: batching does not change a result
