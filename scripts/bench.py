@@ -145,6 +145,40 @@ def startup(precision: str) -> tuple[float, float]:
     return time.perf_counter() - start, float(out.stdout.strip().splitlines()[-1])
 
 
+def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float]:
+    """(median seconds of a tiny-model request through TorchServe, median seconds of the same work in-process).
+
+    Needs the server of `make serve` (tiny model). The in-process figure covers what the handler wraps:
+    decode, prepare, generate, PNG and zip encoding; the difference is what TorchServe and HTTP add.
+    """
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from client import Client, read_key
+
+    from controlnet_canny.bundle import encode_png, make_bundle
+    from controlnet_canny.preprocess import decode_image
+
+    image_path = ROOT / "tests" / "data" / "house.png"
+    fields = {"prompt": "a house", "image_resolution": 64, "ddim_steps": 20, "seed": 1}
+    client = Client(url, "controlnet", read_key(key_file, "inference"))
+    served = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.predict(image_path, fields).raise_for_status()
+        served.append(time.perf_counter() - start)
+    pipe = ControlNetCannyPipeline.load(
+        [ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"], CONFIG_DIR / "cldm_tiny.yaml", "cpu", "fp32"
+    )
+    bare = []
+    for _ in range(count):
+        start = time.perf_counter()
+        image = decode_image(image_path.read_bytes(), 2**24, 2**24)
+        prepared = pipe.prepare(image, GenerationParams(**fields))
+        result = pipe.generate([prepared])
+        make_bundle([encode_png(img, {}) for img in result.images[0]], encode_png(prepared.edge_map), {})
+        bare.append(time.perf_counter() - start)
+    return statistics.median(served), statistics.median(bare)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -153,7 +187,15 @@ def main() -> None:
     parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step images")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--startup", action="store_true", help="checkpoint-to-ready time and peak RSS (writes a 5.7 GB file once)")
+    parser.add_argument("--service", metavar="URL", help="only measure service overhead against a running "
+                        "`make serve` (e.g. http://127.0.0.1:8080)")
+    parser.add_argument("--key-file", type=Path, default=ROOT / "artifacts" / "serve" / "key_file.json")
     args = parser.parse_args()
+    if args.service:
+        served, bare = service_overhead(args.service, args.key_file, count=20)
+        print(f"tiny 64x64, 20 steps, median of 20: through TorchServe {served * 1000:.0f} ms, "
+              f"in-process {bare * 1000:.0f} ms, service overhead {(served - bare) * 1000:.0f} ms")
+        return
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
