@@ -132,17 +132,37 @@ def write_synthetic_checkpoint(path: Path) -> None:
     partial.rename(path)
 
 
-def startup(precision: str) -> tuple[float, float]:
-    """(seconds from process start to a pipeline ready to serve, peak RSS GiB), in a fresh process."""
-    code = (
-        "import sys, resource; sys.path.insert(0, 'handler');"
-        "from controlnet_canny.pipeline import ControlNetCannyPipeline;"
-        f"ControlNetCannyPipeline.load([{str(SYNTHETIC_CHECKPOINT)!r}], {str(FULL_CONFIG)!r}, 'cpu', {precision!r});"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"
-    )
+def weights_gib(precision: str) -> float:
+    """GiB of the weights a worker serves (the VAE encoder and other unused keys are never loaded)."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in ControlLDM(load_config(FULL_CONFIG)).parameters())
+    return count * PRECISIONS[precision].itemsize / 2**30
+
+
+def startup(precision: str) -> tuple[float, float, float]:
+    """In a fresh process: (seconds from process start to a pipeline ready to serve, peak RSS GiB when ready,
+    peak RSS GiB after serving one 256x256 request). In fp32 on CPU the weights stay memory-mapped, so
+    they become resident only as the first request touches them."""
+    code = f"""
+import resource, sys, time
+import numpy as np
+sys.path.insert(0, 'handler')
+from controlnet_canny.params import GenerationParams
+from controlnet_canny.pipeline import ControlNetCannyPipeline
+pipe = ControlNetCannyPipeline.load([{str(SYNTHETIC_CHECKPOINT)!r}], {str(FULL_CONFIG)!r}, 'cpu', {precision!r})
+print('ready', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, flush=True)
+image = np.zeros((256, 256, 3), np.uint8)
+pipe.generate([pipe.prepare(image, GenerationParams(prompt='a house', image_resolution=256, ddim_steps=1, seed=0))])
+print('served', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, flush=True)
+"""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
-    return time.perf_counter() - start, float(out.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    ready_line = process.stdout.readline()
+    ready_seconds = time.perf_counter() - start
+    served_line = process.stdout.readline()
+    if process.wait() != 0 or not ready_line.startswith("ready") or not served_line.startswith("served"):
+        raise RuntimeError(f"start-up measurement failed ({precision})")
+    return ready_seconds, float(ready_line.split()[1]), float(served_line.split()[1])
 
 
 def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float]:
@@ -179,6 +199,21 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
     return statistics.median(served), statistics.median(bare)
 
 
+def bf16_drift() -> dict[str, float]:
+    """Max and mean abs difference (uint8 levels) between fp32 and bf16 images of the tiny model, per setting."""
+    import cv2
+
+    image = cv2.cvtColor(cv2.imread(str(ROOT / "tests" / "data" / "house.png")), cv2.COLOR_BGR2RGB)
+    checkpoint = ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"
+    pipes = {p: ControlNetCannyPipeline.load([checkpoint], CONFIG_DIR / "cldm_tiny.yaml", "cpu", p) for p in ("fp32", "bf16")}
+    drift = {}
+    for label, extra in (("scale 9, 20 steps", {}), ("scale 1, 20 steps", {"scale": 1.0})):
+        params = GenerationParams(prompt="a house", image_resolution=64, seed=1, **extra)
+        fp32, bf16 = (pipes[p].generate([pipes[p].prepare(image, params)]).images[0][0].astype(int) for p in pipes)
+        drift[label] = (float(np.abs(fp32 - bf16).max()), float(np.abs(fp32 - bf16).mean()))
+    return drift
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -187,10 +222,16 @@ def main() -> None:
     parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step images")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--startup", action="store_true", help="checkpoint-to-ready time and peak RSS (writes a 5.7 GB file once)")
+    parser.add_argument("--drift", action="store_true", help="only report bf16's drift from fp32 on the tiny model")
     parser.add_argument("--service", metavar="URL", help="only measure service overhead against a running "
                         "`make serve` (e.g. http://127.0.0.1:8080)")
     parser.add_argument("--key-file", type=Path, default=ROOT / "artifacts" / "serve" / "key_file.json")
     args = parser.parse_args()
+    if args.drift:
+        for label, (worst, mean) in bf16_drift().items():
+            print(f"tiny model, 64x64, {label}: bf16 vs fp32 images differ by at most {worst:.0f}, "
+                  f"on average {mean:.1f} uint8 levels")
+        return
     if args.service:
         served, bare = service_overhead(args.service, args.key_file, count=20)
         print(f"tiny 64x64, 20 steps, median of 20: through TorchServe {served * 1000:.0f} ms, "
@@ -232,8 +273,10 @@ def main() -> None:
         size_gib = SYNTHETIC_CHECKPOINT.stat().st_size / 2**30
         print(f"\nstart-up from {SYNTHETIC_CHECKPOINT} ({size_gib:.1f} GiB):")
         for precision in args.precisions:
-            seconds, rss = startup(precision)
-            print(f"  {precision}: ready in {seconds:.1f} s, peak RSS {rss:.1f} GiB")
+            seconds, ready_rss, served_rss = startup(precision)
+            weights = weights_gib(precision)
+            print(f"  {precision}: ready in {seconds:.1f} s; peak RSS {ready_rss:.2f} GiB when ready, {served_rss:.2f} GiB "
+                  f"after one 256x256 request = {served_rss / weights:.2f}x the {weights:.2f} GiB of weights")
 
 
 if __name__ == "__main__":
