@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from controlnet_canny.bundle import encode_png, make_bundle
-from controlnet_canny.params import GenerationParams, Limits, ParamError, _as_bool, parse_params
+from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, parse_params
 from controlnet_canny.pipeline import PRECISIONS, Prepared
 from controlnet_canny.preprocess import decode_image
 
@@ -123,6 +123,8 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             raise ParamError("body", f"must be a JSON object, got {type(body).__name__}")
         return dict(body)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if set(row) == {"body"}:  # TorchServe found no form fields and handed the raw body over
+            raise ParamError("body", f"is not a {content_type} body with fields (is the multipart boundary missing?)")
         fields = {name: _form_text(name, value) for name, value in row.items() if name != "image"}
         if "image" in row:  # TorchServe hands a text/* part over as str when it is UTF-8, which no image is
             fields["image"] = row["image"].encode() if isinstance(row["image"], str) else row["image"]
@@ -163,7 +165,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     mode = raw.pop("mode", "generate")
     if mode not in MODES:
         raise ParamError("mode", f"must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
-    stream = _as_bool("stream", raw.pop("stream", False))
+    stream = as_bool("stream", raw.pop("stream", False))
     output = raw.pop("output", None)
     if output not in (None, *OUTPUT_TYPES):  # a tuple: JSON may send unhashable values
         raise ParamError("output", f"must be one of {', '.join(OUTPUT_TYPES)}, got {str(output)[:40]!r}")

@@ -102,7 +102,8 @@ def _as_float(field: str, value: Any) -> float:
     return number
 
 
-def _as_bool(field: str, value: Any) -> bool:
+def as_bool(field: str, value: Any) -> bool:
+    """A JSON boolean, or a form value: true/false, 1/0, yes/no, on/off."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
@@ -117,6 +118,10 @@ def _as_text(field: str, value: Any, max_chars: int) -> str:
         raise ParamError(field, f"must be a string, got {type(value).__name__}")
     if len(value) > max_chars:
         raise ParamError(field, f"is {len(value)} characters long; at most {max_chars} allowed")
+    try:  # JSON's "\ud800" escapes decode to lone surrogates, which no UTF-8 output (PNG text, YAML) can hold
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ParamError(field, f"is not valid Unicode: a lone surrogate at character {err.start}") from None
     return value
 
 
@@ -133,7 +138,7 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
         if name in _TEXT_FIELDS:
             values[name] = _as_text(name, value, limits.prompt_chars)
             continue
-        parsed = {"int": _as_int, "float": _as_float, "bool": _as_bool}[kind](name, value)
+        parsed = {"int": _as_int, "float": _as_float, "bool": as_bool}[kind](name, value)
         if kind != "bool":
             low, high = getattr(limits, name)
             if not low <= parsed <= high:
