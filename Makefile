@@ -32,6 +32,13 @@ generate: $(TINY)
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
+# Performance figures for docs/benchmarks.md: full-size architecture with random weights beside diffusers,
+# whole images, start-up from a synthetic 5.7 GB checkpoint (written once to ~/.cache), bf16 drift.
+# Service overhead needs the server: make serve && .venv/bin/python scripts/bench.py --service http://127.0.0.1:8080
+bench: $(VENV)/.installed-test $(TINY)
+	$(PY) scripts/bench.py --whole-image --startup
+	$(PY) scripts/bench.py --drift
+
 clean:
 	rm -rf artifacts model_store/controlnet logs
 
@@ -51,3 +58,12 @@ serve: $(MAR)
 
 stop:
 	scripts/serve.sh stop
+
+# Reliability runs against a TorchServe they start on loopback (tiny model), bounded in time and requests;
+# figures in docs/reliability.md. The JSON summaries go to artifacts/reliability/.
+.PHONY: load soak
+load: $(VENV)/.installed $(TINY)
+	$(PY) scripts/load.py --out artifacts/reliability/load.json
+
+soak: $(VENV)/.installed $(TINY)
+	$(PY) scripts/soak.py --out artifacts/reliability/soak.json

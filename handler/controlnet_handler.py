@@ -42,6 +42,16 @@ class ControlNetHandler:
     """One instance per worker: TorchServe calls `initialize` once, then `handle` for each batch."""
 
     def initialize(self, context) -> None:
+        try:
+            self._initialize(context)
+        except (ValueError, OSError) as err:  # CheckpointError and configuration mistakes: messages name the file
+            # One line per attempt, not a traceback: TorchServe restarts a worker that fails to load (with back-off),
+            # and logs a traceback for every exception that reaches it. SystemExit is not an Exception: the worker
+            # exits with status 1 and TorchServe retries; /ping turns Unhealthy after maxRetryTimeoutInSec.
+            logger.error("model %s cannot be loaded: %s", context.model_name, err)
+            raise SystemExit(1) from None
+
+    def _initialize(self, context) -> None:
         model_dir = Path(context.system_properties["model_dir"])
         model_yaml = context.model_yaml_config or {}
         self.config = serving.ServingConfig.from_mapping(model_yaml.get("handler") or {})
@@ -89,8 +99,7 @@ class ControlNetHandler:
             requests[index] = request
             _observe_seconds(context.metrics, "preprocess", time.perf_counter() - start)
             if request.mode == "edges":
-                parameters = serving.effective_parameters(prepared[index], self.model_info, None)
-                responses[index] = serving.encode_result(request, prepared[index], None, parameters)
+                responses[index] = self._encode(index, request, prepared[index], None, None, context)
 
         to_generate = {i: p for i, p in prepared.items() if requests[i].mode == "generate"}
         for group in serving.batch_groups(to_generate, self.config.max_batch_samples):
@@ -125,12 +134,19 @@ class ControlNetHandler:
         for phase, seconds in result.seconds.items():
             _observe_seconds(context.metrics, phase, seconds)
         return {
-            index: serving.encode_result(
-                requests[index], prepared[index], samples,
-                serving.effective_parameters(prepared[index], self.model_info, result.steps),
-            )
+            index: self._encode(index, requests[index], prepared[index], samples, result.steps, context)
             for index, samples in zip(group, result.images)
         }
+
+    def _encode(self, index: int, request, prepared, samples, steps: int | None, context) -> serving.Response:
+        """The response of one request; a failure to encode it costs that request only, not the TorchServe batch."""
+        try:
+            parameters = serving.effective_parameters(prepared, self.model_info, steps)
+            return serving.encode_result(request, prepared, samples, parameters)
+        except Exception:
+            logger.exception("the response to request %s could not be encoded", context.get_request_id(index))
+            _error(context.metrics, "internal")
+            return serving.error_response(500, "internal error; the model log has the details", None)
 
     @staticmethod
     def _reply(context, index: int, request: serving.ServingRequest | None, response: serving.Response) -> bytes:

@@ -127,7 +127,8 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             raise ParamError("body", f"is not a {content_type} body with fields (is the multipart boundary missing?)")
         fields = {name: _form_text(name, value) for name, value in row.items() if name != "image"}
         if "image" in row:  # TorchServe hands a text/* part over as str when it is UTF-8, which no image is
-            fields["image"] = row["image"].encode() if isinstance(row["image"], str) else row["image"]
+            image = row["image"]
+            fields["image"] = image.encode("utf-8", "surrogatepass") if isinstance(image, str) else image
         return fields
     raise ParamError("Content-Type", f"must be multipart/form-data or application/json, got {content_type or 'none'!r}")
 

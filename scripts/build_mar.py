@@ -8,6 +8,11 @@ hard-linked into that directory, never passed through the archiver, which would 
 its staging directory, once to the export path); a 5.7 GB file thus costs no copy at all when the model
 store is on the checkpoint's file system, and exactly one otherwise.
 
+KServe's TorchServe runtime looks for `.mar` files in its model store: `--format mar` writes
+`<export-path>/<name>.mar` instead (a zip, stored uncompressed), checkpoints inside. That costs two copies of
+the checkpoints while building (the archiver's staging directory, then the zip; the build works beside the
+export path, which needs twice their size free) and an extraction at every TorchServe start.
+
 Examples:
   build_mar.py                                                        # tiny model (make mar)
   build_mar.py --checkpoint models/control_sd15_canny.pth             # v1.0
@@ -52,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-name", default="controlnet")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--format", choices=["dir", "mar"], default="dir",
+                        help="dir: the model directory <export-path>/<name>/ (no copy of the checkpoints); "
+                             "mar: one <export-path>/<name>.mar file, as KServe's TorchServe runtime expects")
     args = parser.parse_args(argv)
     if args.arch_config is None:
         args.arch_config = TINY_CONFIG if args.checkpoint is None else CONFIG_DIR / "cldm_v15.yaml"
@@ -103,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     if len({p.name for p in args.checkpoint}) != len(args.checkpoint):
         sys.exit("error: checkpoints must have distinct file names (they sit side by side in the model directory)")
     config = model_config(args)
+    if args.format == "mar":
+        build_archive(args, config)
+        return
     export_dir = args.export_path / args.model_name
     if export_dir.exists():
         if not (export_dir / "MAR-INF" / "MANIFEST.json").is_file():
@@ -111,28 +122,48 @@ def main(argv: list[str] | None = None) -> None:
     args.export_path.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="build_mar_") as tmp:
-        staging = Path(tmp) / "files"
-        shutil.copytree(HANDLER_DIR / "controlnet_canny", staging / "controlnet_canny",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(HANDLER_DIR / "serving.py", staging)
-        shutil.copy2(args.arch_config, staging)
-        config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        # The archiver stages files in $TMPDIR/<model-name> and deletes whatever is there first: give it its own.
-        archiver_tmp = Path(tmp) / "archiver"
-        archiver_tmp.mkdir()
-        subprocess.run(
-            [str(Path(sys.executable).parent / "torch-model-archiver"),
-             "--model-name", args.model_name, "--version", args.version,
-             "--handler", str(HANDLER_DIR / "controlnet_handler.py"),
-             "--extra-files", str(staging), "--config-file", str(config_file),
-             "--archive-format", "no-archive", "--export-path", str(args.export_path)],
-            check=True, env={**os.environ, "TMPDIR": str(archiver_tmp)},
-        )
+        archive(args, config, Path(tmp), "no-archive")
     for checkpoint in args.checkpoint:
         how = place_checkpoint(checkpoint, export_dir / checkpoint.name)
         print(f"{checkpoint} -> {export_dir / checkpoint.name}: {how}")
     print(f"model {args.model_name!r} ready in {export_dir} (serve it with: make serve)")
+
+
+def archive(args: argparse.Namespace, config: dict, tmp: Path, archive_format: str, checkpoints: bool = False) -> None:
+    """torch-model-archiver on the handler, the package, the architecture YAML (and the checkpoints if asked)."""
+    staging = tmp / "files"
+    shutil.copytree(HANDLER_DIR / "controlnet_canny", staging / "controlnet_canny",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(HANDLER_DIR / "serving.py", staging)
+    shutil.copy2(args.arch_config, staging)
+    if checkpoints:
+        for checkpoint in args.checkpoint:
+            place_checkpoint(checkpoint, staging / checkpoint.name)
+    config_file = tmp / "model-config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    # The archiver stages files in $TMPDIR/<model-name> and deletes whatever is there first: give it its own.
+    archiver_tmp = tmp / "archiver"
+    archiver_tmp.mkdir()
+    subprocess.run(
+        [str(Path(sys.executable).parent / "torch-model-archiver"),
+         "--model-name", args.model_name, "--version", args.version,
+         "--handler", str(HANDLER_DIR / "controlnet_handler.py"),
+         "--extra-files", str(staging), "--config-file", str(config_file),
+         "--archive-format", archive_format, "--export-path", str(args.export_path), "--force"],
+        check=True, env={**os.environ, "TMPDIR": str(archiver_tmp)},
+    )
+
+
+def build_archive(args: argparse.Namespace, config: dict) -> None:
+    """<export-path>/<name>.mar, checkpoints inside; the work files sit beside it (same file system: the
+    checkpoints are hard-linked into the staging directory where possible, never into /tmp)."""
+    target = args.export_path / f"{args.model_name}.mar"
+    if target.exists() and not target.is_file():
+        sys.exit(f"error: {target} exists and is not a file; not replacing it")
+    args.export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build_mar_", dir=args.export_path) as tmp:
+        archive(args, config, Path(tmp), "zip-store", checkpoints=True)
+    print(f"model {args.model_name!r} archived in {target} ({target.stat().st_size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@
 #   scripts/serve.sh [start|stop|foreground]
 #
 # TorchServe writes key_file.json (the API keys) to its working directory: that is RUN_DIR, with the logs.
-# Environment: TS_CONFIG (default: config.properties), RUN_DIR (default: artifacts/serve), WAIT_S (how long
-# `start` waits for the model to load, default 900: the real checkpoint from a cold disk takes minutes).
+# Environment: TS_CONFIG (default: config.properties), RUN_DIR (default: artifacts/serve), MODEL_STORE (default:
+# model_store), WAIT_S (how long `start` waits for the model to load, default 900: the real checkpoint from a
+# cold disk takes minutes).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG=$(realpath "${TS_CONFIG:-$ROOT/config.properties}")
 RUN_DIR=$(realpath -m "${RUN_DIR:-$ROOT/artifacts/serve}")
+STORE=$(realpath -m "${MODEL_STORE:-$ROOT/model_store}")
 BIN=$ROOT/.venv/bin
 export LOG_LOCATION=$RUN_DIR/logs METRICS_LOCATION=$RUN_DIR/logs
 mkdir -p "$LOG_LOCATION"
@@ -19,14 +21,25 @@ cd "$RUN_DIR"
 
 setting() { sed -n "s/^$1=//p" "$CONFIG" | tail -n 1; }
 INFERENCE_URL=$(setting inference_address)
-TS_ARGS=(--ts-config "$CONFIG" --model-store "$ROOT/model_store" --ncs)
+TS_ARGS=(--ts-config "$CONFIG" --model-store "$STORE" --ncs)
 
 case "${1:-start}" in
   stop)
     "$BIN/torchserve" --stop
     ;;
   foreground)
-    exec "$BIN/torchserve" --start --foreground "${TS_ARGS[@]}"
+    # TorchServe's launcher neither handles nor forwards SIGTERM, and as a container's PID 1 it would ignore it:
+    # `docker stop` and a pod's deletion would wait for SIGKILL. On TERM/INT, stop TorchServe the regular way.
+    "$BIN/torchserve" --start --foreground "${TS_ARGS[@]}" &
+    LAUNCHER=$!
+    trap '"$BIN/torchserve" --stop >/dev/null 2>&1 || true' TERM INT
+    STATUS=0
+    wait "$LAUNCHER" || STATUS=$?
+    if kill -0 "$LAUNCHER" 2>/dev/null; then  # a signal ended the wait early: wait for the stop to finish
+      STATUS=0
+      wait "$LAUNCHER" || STATUS=$?
+    fi
+    exit "$STATUS"
     ;;
   start)
     if ! command -v java >/dev/null && [ ! -x "${JAVA_HOME:-/nonexistent}/bin/java" ]; then

@@ -47,6 +47,21 @@ def tiny_pipeline(tiny_checkpoint):
     return ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, device="cpu", precision="fp32")
 
 
+BATCH_DELAY_MS = 200  # long enough for concurrent test requests to meet in one batch, short for the others
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint):
+    """One TorchServe for the integration tests (test_server, test_hostile_input, test_security, test_faults'
+    worker tests): the tiny model on loopback, token authorization on, a 1 MB image cap; always stopped."""
+    from live_server import require_java, tiny_server
+
+    if require_java():
+        pytest.skip(require_java())
+    with tiny_server(tiny_checkpoint, sets=[f"maxBatchDelay={BATCH_DELAY_MS}", "handler.max_image_bytes=1000000"]) as ts:
+        yield ts
+
+
 @pytest.fixture(scope="session")
 def house_image() -> np.ndarray:
     """A small synthetic RGB scene with clear edges (tests/data/house.png, also used by `make generate`)."""

@@ -1,5 +1,5 @@
-"""Integration tests against a real TorchServe on loopback, started once for the module on free ports with
-the tiny model (64x64, few DDIM steps), token authorization on, and always stopped.
+"""Integration tests against a real TorchServe on loopback (the `server` fixture of conftest.py: started once
+per session on free ports with the tiny model (64x64, few DDIM steps), token authorization on, always stopped).
 
 Everything TorchServe writes (key file, logs, its pid file, sockets, the model store) stays in one temporary
 directory, removed at the end.
@@ -9,19 +9,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,125 +23,10 @@ import yaml
 from PIL import Image
 
 from controlnet_canny.bundle import read_png_parameters
-from controlnet_canny.config import CONFIG_DIR
 from controlnet_canny.preprocess import canny, decode_image, resize_image
+from live_server import HOUSE, ROOT, STEPS, png_header_only, wait_until
 
 pytestmark = pytest.mark.server
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-HOUSE = (ROOT / "tests" / "data" / "house.png").read_bytes()
-STEPS = 4
-BATCH_DELAY_MS = 200  # long enough for concurrent test requests to meet in one batch, short for the others
-
-
-@dataclass
-class Server:
-    inference: str
-    management: str
-    metrics: str
-    run_dir: Path
-    log_dir: Path
-
-    def key(self, kind: str) -> str:
-        return json.loads((self.run_dir / "key_file.json").read_text())[kind]["key"]
-
-    def auth(self, kind: str = "inference") -> dict:
-        return {"Authorization": f"Bearer {self.key(kind)}"}
-
-    def predict(self, fields: dict | None = None, image: bytes | None = HOUSE, headers: dict | None = None,
-                **kwargs) -> requests.Response:
-        """A multipart request: the image as a file part, the fields as text parts (None: left out)."""
-        files = {"image": ("photo.bin", image)} if image is not None else None
-        data = {k: v for k, v in {"prompt": "a house", "ddim_steps": STEPS, **(fields or {})}.items() if v is not None}
-        return requests.post(f"{self.inference}/predictions/controlnet", data=data, files=files,
-                             headers={**self.auth(), **(headers or {})}, timeout=120, **kwargs)
-
-    def describe(self) -> dict:
-        response = requests.get(f"{self.management}/models/controlnet", headers=self.auth("management"), timeout=10)
-        response.raise_for_status()
-        return response.json()[0]
-
-    def model_log(self) -> str:
-        return (self.log_dir / "model_log.log").read_text(errors="replace")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def config_with_free_ports(path: Path, ports: list[int]) -> tuple[str, str, str]:
-    """The repository's config.properties with free ports: the settings under test stay the shipped ones."""
-    names = ["inference_address", "management_address", "metrics_address", "grpc_inference_port", "grpc_management_port"]
-    values = [f"http://127.0.0.1:{p}" for p in ports[:3]] + [str(p) for p in ports[3:]]
-    text = (ROOT / "config.properties").read_text()
-    for name, value in zip(names, values):
-        text, count = re.subn(rf"^{name}=.*$", f"{name}={value}", text, flags=re.M)
-        assert count == 1, name
-    path.write_text(text)
-    return values[0], values[1], values[2]
-
-
-def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            break
-        try:
-            if condition():
-                return
-        except (OSError, ValueError, KeyError, requests.RequestException):
-            pass
-        time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
-    pytest.fail(f"{what} did not happen within {timeout} s\n{tail}")
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    if shutil.which("java") is None:
-        pytest.skip("TorchServe needs Java 11 or later on PATH")
-    with tempfile.TemporaryDirectory(prefix="torchserve_test_") as tmp:
-        tmp = Path(tmp)
-        store, run_dir, temp, logs = (tmp / name for name in ("model_store", "run", "tmp", "logs"))
-        for directory in (store, run_dir, temp, logs):
-            directory.mkdir()
-        subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--checkpoint", str(tiny_checkpoint),
-             "--arch-config", str(CONFIG_DIR / "cldm_tiny.yaml"), "--export-path", str(store),
-             "--set", f"maxBatchDelay={BATCH_DELAY_MS}", "--set", "handler.threads=1",
-             "--set", "handler.max_image_bytes=1000000"],
-            check=True, capture_output=True,
-        )
-        inference, management, metrics = config_with_free_ports(tmp / "config.properties", free_ports(5))
-        # TEMP: the JVM's temporary directory (worker sockets, model links); TMPDIR: the launcher's pid file.
-        env = {**os.environ, "TMPDIR": str(temp), "TEMP": str(temp), "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs)}
-        command = [str(BIN / "torchserve"), "--ts-config", str(tmp / "config.properties"), "--model-store", str(store), "--ncs"]
-        process = subprocess.Popen([*command, "--start", "--foreground"], cwd=run_dir, env=env, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            ts = Server(inference, management, metrics, run_dir, logs)
-            wait_until(lambda: any(w["status"] == "READY" for w in ts.describe()["workers"]), 180,
-                       "the model's worker becoming READY", process, logs / "ts_log.log")
-            yield ts
-        finally:
-            subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=run_dir, env=env, capture_output=True, timeout=60)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # the launcher, the JVM and the workers share this process group, which we created
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
-
 
 def png_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data))).astype(int)
@@ -219,17 +97,6 @@ def test_bad_json_bomb_and_missing_token(server):
     assert response.status_code == 400 and "pixels" in response.json()["error"]
     no_token = requests.post(url, files={"image": ("x.png", HOUSE)}, data={"prompt": "a"}, timeout=60)
     assert no_token.status_code == 400 and "Token Authorization failed" in no_token.text  # TorchServe's own answer
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_edges_mode_is_fast_and_exact(server):
@@ -319,24 +186,25 @@ def scrape(server) -> dict[str, list[tuple[dict, float]]]:
 
 
 def test_prometheus_metrics(server):
+    """The handler's metrics count this test's requests (deltas: the session's server has served other tests)."""
+    def totals():
+        metrics = scrape(server)
+        return lambda name, **want: sum(v for labels, v in metrics.get(name, []) if want.items() <= labels.items())
+
+    before = totals()
     assert server.predict({"num_samples": 2}).status_code == 200
     assert server.predict({"ddim_steps": 0}).status_code == 400
 
-    def reported() -> bool:
-        metrics = scrape(server)
-        return "ControlNetImagesGenerated" in metrics and any(
-            labels.get("Reason") == "ddim_steps" for labels, _ in metrics.get("ControlNetErrors", []))
+    def delta(name: str, **want) -> float:
+        return totals()(name, **want) - before(name, **want)
 
-    wait_until(reported, 15, "the handler's metrics on /metrics")
-    metrics = scrape(server)
-    total = lambda name, **want: sum(v for labels, v in metrics[name] if want.items() <= labels.items())  # noqa: E731
-    assert total("ControlNetImagesGenerated") >= 2
-    assert total("ControlNetDenoisingSteps") >= STEPS and total("ControlNetDenoisingSteps") % STEPS == 0
-    assert total("ControlNetErrors", Reason="ddim_steps") >= 1
+    wait_until(lambda: delta("ControlNetImagesGenerated") >= 2 and delta("ControlNetErrors", Reason="ddim_steps") >= 1,
+               15, "the handler's metrics on /metrics")
+    assert delta("ControlNetDenoisingSteps") >= STEPS and delta("ControlNetDenoisingSteps") % STEPS == 0
     for phase in ("preprocess", "text", "sampling", "decoding"):
-        assert total("ControlNetPhaseSeconds_count", Phase=phase) >= 1, phase
-    assert 0 < total("ControlNetPhaseSeconds_sum", Phase="sampling") < 60
-    assert total("ts_inference_requests_total") >= 2  # TorchServe's own metrics are still there
+        assert delta("ControlNetPhaseSeconds_count", Phase=phase) >= 1, phase
+    assert 0 < delta("ControlNetPhaseSeconds_sum", Phase="sampling") < 60
+    assert delta("ts_inference_requests_total") >= 2  # TorchServe's own metrics are still there
 
 
 def run_client(server, *args: str) -> subprocess.CompletedProcess:

@@ -61,9 +61,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 raise ValueError(str(err)) from None
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        # torch's message opens with advice to retry unsafely; name the offending global instead
-        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please |\n|$)", str(err))
-        detail = found.group(1) if found else str(err).splitlines()[0]
+        # torch's message opens with advice to retry unsafely; name the offending global instead (a global of a
+        # blocked module such as os/posix comes without the "WeightsUnpickler error:" prefix)
+        found = (re.search(r"WeightsUnpickler error: (.*?)(?: Please |\n|$)", str(err))
+                 or re.search(r"^(.*\bGLOBAL\b.*?)\s*$", str(err), re.M))
+        detail = found.group(1) if found else "an object that is not a tensor"
         raise CheckpointError(
             f"{path}: refused: the file holds objects other than tensors, and unpickling them could run code "
             f"({detail})"
