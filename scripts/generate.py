@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))
 
 from controlnet_canny.bundle import encode_png, make_bundle  # noqa: E402
 from controlnet_canny.config import CONFIG_DIR  # noqa: E402
+from controlnet_canny.ddim import ddim_timesteps  # noqa: E402
 from controlnet_canny.params import GenerationParams, Limits, ParamError, parse_params  # noqa: E402
 from controlnet_canny.pipeline import PRECISIONS, ControlNetCannyPipeline  # noqa: E402
 from controlnet_canny.preprocess import decode_image  # noqa: E402
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision)
     prepared = pipeline.prepare(image, params)
-    with tqdm(desc="denoising", unit="step", file=sys.stderr) as bar:
+    steps = len(ddim_timesteps(prepared.params.ddim_steps))
+    with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr) as bar:
         def on_step(done: int, total: int) -> None:
-            bar.total = total
             bar.update(done - bar.n)
 
         result = pipeline.generate([prepared], on_step)

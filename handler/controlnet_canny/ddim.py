@@ -53,6 +53,7 @@ def sample_ddim(
     a_prev = torch.cat([alphas_cumprod[:1], a[:-1]])
     sigmas_unit = ((1 - a_prev.double()) / (1 - a.double()) * (1 - a.double() / a_prev.double())).sqrt().float()
     eta = eta.to(x.device, torch.float32)
+    stochastic = bool((eta > 0).any())  # decided once: a per-step check would sync a GPU every step
     total = len(timesteps)
     for done, index in enumerate(reversed(range(total))):
         t = torch.full((x.shape[0],), timesteps[index], device=x.device, dtype=torch.long)
@@ -60,7 +61,7 @@ def sample_ddim(
         a_t, a_p, sigma = a[index], a_prev[index], eta * sigmas_unit[index]
         x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
         x = a_p.sqrt() * x0 + (1 - a_p - sigma**2).sqrt() * e
-        if bool((sigma > 0).any()):
+        if stochastic:
             x = x + sigma * noise()
         if callback is not None:
             callback(done + 1, total)
