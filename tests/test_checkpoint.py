@@ -249,16 +249,15 @@ def test_code_executing_pickle_refused(tmp_path, v10_state, layout):
 # --- dtype and device -----------------------------------------------------------------------------------------
 
 def test_bf16_load_no_meta(tiny_checkpoint, reference_weights):
-    pipe = ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, device="cpu", precision="bf16")
-    tensors = list(pipe.model.named_parameters()) + list(pipe.model.named_buffers())
+    model = _load_model([tiny_checkpoint], torch.bfloat16)
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
     assert tensors
     for name, tensor in tensors:
         assert tensor.device.type == "cpu", name
         assert not tensor.is_meta, name
         assert tensor.dtype == torch.bfloat16, name
         assert not tensor.requires_grad, name
-    state = pipe.model.state_dict()
-    assert torch.equal(state[UNET_KEY], reference_weights[UNET_KEY].to(torch.bfloat16))
+    assert torch.equal(model.state_dict()[UNET_KEY], reference_weights[UNET_KEY].to(torch.bfloat16))
 
 
 def test_fp32_load_no_meta(tiny_pipeline):

@@ -30,6 +30,7 @@ IGNORED_KEYS = frozenset({
 })
 _LISTED = 10  # keys named per problem in an error message
 _MADV_DONTNEED = 4
+_ALIGNMENT = 64  # bytes: what torch's CPU allocator guarantees
 if sys.platform == "linux":
     _madvise = ctypes.CDLL(None, use_errno=True).madvise
     _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -139,6 +140,10 @@ def load_weights(
     for key in list(tensors):
         source = tensors.pop(key)
         converted[key] = source.to(device=device, dtype=dtype)
+        if converted[key].data_ptr() % _ALIGNMENT:
+            # safetensors views sit at 4-byte offsets; oneDNN's rounding depends on a weight's alignment
+            # (measured on a 1x1 conv), and the same weights must give the same images from any file
+            converted[key] = converted[key].clone()
         if converted[key].data_ptr() != source.data_ptr() and origin[key].suffix != ".safetensors":
             _drop_resident_pages(source)
     model.load_state_dict(converted, strict=True, assign=True)

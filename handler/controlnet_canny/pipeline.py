@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ddim
+from . import ddim, prepack
 from .checkpoint import load_weights
 from .config import CONFIG_DIR, ModelConfig, load_config
 from .model import ControlLDM
@@ -64,7 +64,11 @@ class BatchResult:
 
 class ControlNetCannyPipeline:
     def __init__(self, model: ControlLDM, config: ModelConfig, device: torch.device, dtype: torch.dtype):
+        """Takes ownership of `model` (loaded, on `device`): on CPU, the per-step networks' weights get packed."""
         self.model = model.eval()
+        if prepack.supported(device, dtype):
+            prepack.prepack(model.model.diffusion_model)
+            prepack.prepack(model.control_model)
         self.config = config
         self.device = device
         self.dtype = dtype

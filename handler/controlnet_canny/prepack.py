@@ -1,0 +1,98 @@
+"""Convolution and linear weights laid out once, at load, in oneDNN's blocked format (CPU only).
+
+`F.conv2d` and `F.linear` on CPU take weights in the plain PyTorch layout, so oneDNN reorders every weight
+into its blocked layout on every call. At the UNet's deepest levels (1280 channels, a few latent pixels)
+that reorder costs more than the convolution itself: measured on a 2-core AVX-512 machine, a 3x3
+1280-channel conv at 4x4 runs 3.9x faster in fp32 (1.9x in bf16) with its weight packed once, and fp32
+linears 1.2-1.7x faster on oneDNN's packed GEMM than on the plain one. Same operations, same
+accumulation precision: results change only by float rounding (different blocking of the sums).
+
+These are the ops `torch.compile(..., freezing=True)` emits for the same layers, called directly: the
+gain without a compile step at start-up.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import torch
+from torch import nn
+
+_MADV_PAGEOUT = 21
+if sys.platform == "linux":
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+else:
+    _madvise = None
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class PackedConv2d(nn.Module):
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.groups = conv.groups
+        self.weight = torch.ops.mkldnn._reorder_convolution_weight(
+            conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups
+        )
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        )
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def _packable(module: nn.Module) -> bool:
+    if type(module) is nn.Linear:
+        return True
+    # 1x1 convolutions are plain GEMMs that run well unpacked; packed without a fixed input size, oneDNN
+    # picks a layout it then reorders from on every call (measured 17x slower).
+    return (type(module) is nn.Conv2d and module.kernel_size != (1, 1) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def _page_out(tensor: torch.Tensor) -> None:
+    """Asks the kernel to reclaim a no-longer-used weight's pages.
+
+    fp32 weights on CPU are still memory-mapped from the checkpoint when they get packed: packing reads every
+    page, which would leave the whole file resident beside the packed copy. MADV_PAGEOUT reclaims those
+    clean file-backed pages and never discards data (anonymous memory without swap just stays), so it is
+    safe on any tensor.
+    """
+    if _madvise is None:
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _madvise(first, last - first, _MADV_PAGEOUT)
+
+
+def prepack(model: nn.Module) -> None:
+    """Replaces every Linear and spatial Conv2d of `model` (loaded, on CPU) by its packed twin, in place.
+
+    The replacements keep their attribute paths; they are for inference only (no state_dict round trip).
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _packable(child):
+                packed = PackedConv2d(child) if isinstance(child, nn.Conv2d) else PackedLinear(child)
+                setattr(parent, name, packed)
+                _page_out(child.weight)
