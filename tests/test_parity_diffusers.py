@@ -27,8 +27,9 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from conftest import TINY_CONFIG  # noqa: E402
 from controlnet_canny import ddim  # noqa: E402
-from controlnet_canny.checkpoint import read_state_dict  # noqa: E402
+from controlnet_canny.checkpoint import load_weights, read_state_dict  # noqa: E402
 from controlnet_canny.config import load_config  # noqa: E402
+from controlnet_canny.model import ControlLDM  # noqa: E402
 from controlnet_canny.params import GenerationParams  # noqa: E402
 from controlnet_canny.text_encoder import tokenize  # noqa: E402
 
@@ -283,7 +284,7 @@ def test_unet_eps_with_control_matches(model, diffusers_unet):
     assert max_diff(ours, ours_plain) > 1e-2  # the control residuals do enter the UNet
 
 
-def test_vae_decode_matches(model, diffusers_vae):
+def test_vae_decode_matches(model, diffusers_vae, tiny_checkpoint):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         ours = model.first_stage_model.decode(latents)
@@ -292,7 +293,10 @@ def test_vae_decode_matches(model, diffusers_vae):
     assert ours.shape == (2, 3, 64, 64)
     assert_close(ours, theirs, what="VAE decode")  # observed ~6e-6 on outputs up to ~2: fp32 rounding, ...
     # ... as float64 shows (our VAE has no float32 upcasts, so it runs in float64 as is): observed ~1e-14.
-    ours64, theirs64 = copy.deepcopy(model.first_stage_model).double(), copy.deepcopy(diffusers_vae).double()
+    with torch.device("meta"):
+        ours64 = ControlLDM(load_config(TINY_CONFIG))
+    load_weights(ours64, [tiny_checkpoint], torch.device("cpu"), torch.float64)  # plain layers: float64 packs not
+    ours64, theirs64 = ours64.first_stage_model, copy.deepcopy(diffusers_vae).double()
     with torch.inference_mode():
         assert_close(ours64.decode(latents.double()), theirs64.decode(latents.double() * INV_SCALE).sample,
                      tol=1e-12, what="VAE decode, float64")

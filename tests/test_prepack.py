@@ -67,13 +67,15 @@ def test_prepack_replaces_linears_and_spatial_convs_only():
     assert _relative_diff(got, expected) <= TOLERANCES[torch.float32]
 
 
-def test_pipeline_packs_its_step_networks_on_cpu(tiny_pipeline):
-    unet, control = tiny_pipeline.model.model.diffusion_model, tiny_pipeline.model.control_model
-    assert isinstance(unet.input_blocks[0][0], PackedConv2d)
-    assert isinstance(unet.time_embed[0], PackedLinear)
-    assert isinstance(control.input_hint_block[0], PackedConv2d)
-    # once per image, not per step: left as loaded
-    assert type(tiny_pipeline.model.first_stage_model.decoder.conv_in) is nn.Conv2d
+def test_pipeline_packs_every_network_on_cpu(tiny_pipeline):
+    model = tiny_pipeline.model
+    assert isinstance(model.model.diffusion_model.input_blocks[0][0], PackedConv2d)
+    assert isinstance(model.model.diffusion_model.time_embed[0], PackedLinear)
+    assert isinstance(model.control_model.input_hint_block[0], PackedConv2d)
+    assert isinstance(model.first_stage_model.decoder.conv_in, PackedConv2d)
+    left_plain = [name for name, m in model.named_modules()
+                  if type(m) is nn.Linear or (type(m) is nn.Conv2d and m.kernel_size != (1, 1))]
+    assert left_plain == []
 
 
 def test_unsupported_targets_stay_plain():

@@ -34,7 +34,11 @@ class ControlNet(nn.Module):
     def forward(
         self, x: torch.Tensor, hint_features: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
     ) -> list[torch.Tensor]:
-        """The 13 control residuals: one per input block, then the middle block's."""
+        """The 13 control residuals: one per input block, then the middle block's.
+
+        x, timesteps and hint_features at batch B, context at batch kB; a residual comes out at B or kB rows
+        (`unet.widen`).
+        """
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         h = self.input_blocks[0](x, emb, context) + hint_features
         outs = [self.zero_convs[0](h)]

@@ -20,6 +20,7 @@ from .config import CONFIG_DIR, ModelConfig, load_config
 from .model import ControlLDM
 from .params import GenerationParams
 from .preprocess import canny, resize_image
+from .unet import widen
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GUESS_MODE_DECAY = 0.825
@@ -64,11 +65,10 @@ class BatchResult:
 
 class ControlNetCannyPipeline:
     def __init__(self, model: ControlLDM, config: ModelConfig, device: torch.device, dtype: torch.dtype):
-        """Takes ownership of `model` (loaded, on `device`): on CPU, the per-step networks' weights get packed."""
+        """Takes ownership of `model` (loaded, on `device`): on CPU its weights get packed for oneDNN."""
         self.model = model.eval()
         if prepack.supported(device, dtype):
-            prepack.prepack(model.model.diffusion_model)
-            prepack.prepack(model.control_model)
+            prepack.prepack(model)
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -177,20 +177,22 @@ class ControlNetCannyPipeline:
         """
         unet, control_model = self.model.model.diffusion_model, self.model.control_model
 
-        def scaled_control(x, t, context, features):
-            per_row = scales.repeat(x.shape[0] // scales.shape[0], 1)  # both guidance halves share the scales
-            return [r * per_row[:, i, None, None, None] for i, r in enumerate(control_model(x, features, t, context))]
+        def scaled_control(x, t, context):
+            residuals = control_model(x, hint_features, t, context)
+            # a residual has one row per sample, or one per sample and guidance half (unet.widen): same scales
+            return [r * widen(scales, r.shape[0])[:, i, None, None, None] for i, r in enumerate(residuals)]
 
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x = x.to(self.dtype)
             if conditional_only:
-                return unet(x, t, cond, scaled_control(x, t, cond, hint_features))
-            x2, t2, context = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])
+                return unet(x, t, cond, scaled_control(x, t, cond))
+            context = torch.cat([cond, uncond])
             if guess_mode:
-                control = [torch.cat([r, torch.zeros_like(r)]) for r in scaled_control(x, t, cond, hint_features)]
+                control = [torch.cat([r, torch.zeros_like(r)]) for r in scaled_control(x, t, cond)]
             else:
-                control = scaled_control(x2, t2, context, torch.cat([hint_features, hint_features]))
-            e_cond, e_uncond = unet(x2, t2, context, control).float().chunk(2)
+                control = scaled_control(x, t, context)
+            # Both halves share x and t: the networks compute the rows before the first cross-attention once.
+            e_cond, e_uncond = unet(x, t, context, control).float().chunk(2)
             return e_uncond + guidance * (e_cond - e_uncond)
 
         return eps

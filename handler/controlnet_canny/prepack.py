@@ -90,9 +90,10 @@ def prepack(model: nn.Module) -> None:
 
     The replacements keep their attribute paths; they are for inference only (no state_dict round trip).
     """
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _packable(child):
-                packed = PackedConv2d(child) if isinstance(child, nn.Conv2d) else PackedLinear(child)
-                setattr(parent, name, packed)
-                _page_out(child.weight)
+    # Only the parents are listed, so each plain layer is freed as soon as its twin replaces it: peak memory
+    # grows by one layer, not by a second copy of the model.
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if _packable(child)]
+    for parent, name in targets:
+        plain = getattr(parent, name)
+        setattr(parent, name, PackedConv2d(plain) if isinstance(plain, nn.Conv2d) else PackedLinear(plain))
+        _page_out(plain.weight)

@@ -23,6 +23,17 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def widen(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` tiled along the batch to `rows` rows.
+
+    The networks take the latents at batch B and the text context at batch kB (classifier-free guidance:
+    k = 2, conditional rows then unconditional ones). Until the first cross-attention reads the context,
+    the k copies would be identical, so they are computed once and widened there (and wherever a narrow
+    tensor meets a wide one); the result equals the one of a forward on k stacked copies of the latents.
+    """
+    return x if x.shape[0] == rows else x.repeat(rows // x.shape[0], *[1] * (x.dim() - 1))
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are computed in fp32 whatever the serving dtype (as the reference)."""
 
@@ -47,7 +58,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = h + widen(self.emb_layers(emb), h.shape[0])[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -101,7 +112,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = widen(x + self.attn1(self.norm1(x)), context.shape[0])
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -122,7 +133,7 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
-        return x + self.proj_out(h)
+        return widen(x, h.shape[0]) + self.proj_out(h)
 
 
 class Downsample(nn.Module):
@@ -189,7 +200,10 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSequenti
 
 
 class UNetModel(nn.Module):
-    """eps(x_t, t, context, control): the ControlledUnetModel, control added to skips and middle output."""
+    """eps(x_t, t, context, control): the ControlledUnetModel, control added to skips and middle output.
+
+    x and t at batch B, context and the result at batch kB (see `widen`); control residuals at either.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -221,12 +235,12 @@ class UNetModel(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = widen(self.middle_block(h, emb, context), context.shape[0])
         if control is not None:
-            h = h + control[-1]
+            h = h + widen(control[-1], h.shape[0])
         for j, block in enumerate(self.output_blocks):
-            skip = skips.pop()
+            skip = widen(skips.pop(), h.shape[0])
             if control is not None:
-                skip = skip + control[-2 - j]
+                skip = skip + widen(control[-2 - j], h.shape[0])
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h)
