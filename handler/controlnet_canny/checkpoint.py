@@ -29,7 +29,7 @@ IGNORED_KEYS = frozenset({
     "logvar",
 })
 _LISTED = 10  # keys named per problem in an error message
-_MADV_DONTNEED = 4
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21
 _ALIGNMENT = 64  # bytes: what torch's CPU allocator guarantees
 if sys.platform == "linux":
     _madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -80,6 +80,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def advise_pages(tensor: torch.Tensor, advice: int) -> None:
+    """madvise(2) over the whole pages of `tensor`'s storage (nothing off Linux)."""
+    if _madvise is None:
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _madvise(first, last - first, advice)
+
+
 def _drop_resident_pages(tensor: torch.Tensor) -> None:
     """Takes a converted tensor's memory-mapped source pages out of this process's resident set.
 
@@ -87,13 +98,7 @@ def _drop_resident_pages(tensor: torch.Tensor) -> None:
     would stay resident beside the converted weights until loading ends. The mapping is file-backed and
     never written, so a later read (a key sharing the storage) just faults the page back in from the file.
     """
-    if _madvise is None:
-        return
-    storage = tensor.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _madvise(first, last - first, _MADV_DONTNEED)
+    advise_pages(tensor, MADV_DONTNEED)
 
 
 def _listing(keys: Iterable[str]) -> str:

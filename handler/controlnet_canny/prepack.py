@@ -7,24 +7,15 @@ that reorder costs more than the convolution itself: measured on a 2-core AVX-51
 linears 1.2-1.7x faster on oneDNN's packed GEMM than on the plain one. Same operations, same
 accumulation precision: results change only by float rounding (different blocking of the sums).
 
-These are the ops `torch.compile(..., freezing=True)` emits for the same layers, called directly: the
+They are the oneDNN ops that torch.compile's weight-freezing passes use on CPU, called directly: the
 gain without a compile step at start-up.
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
-
 import torch
 from torch import nn
 
-_MADV_PAGEOUT = 21
-if sys.platform == "linux":
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-else:
-    _madvise = None
+from .checkpoint import MADV_PAGEOUT, advise_pages
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -76,13 +67,7 @@ def _page_out(tensor: torch.Tensor) -> None:
     clean file-backed pages and never discards data (anonymous memory without swap just stays), so it is
     safe on any tensor.
     """
-    if _madvise is None:
-        return
-    storage = tensor.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _madvise(first, last - first, _MADV_PAGEOUT)
+    advise_pages(tensor, MADV_PAGEOUT)
 
 
 def prepack(model: nn.Module) -> None:
