@@ -95,7 +95,8 @@ def time_diffusers(unet, controlnet, size: int, dtype: torch.dtype, steps: int) 
 def step_flops(size: int) -> int:
     """FLOPs of one guided step (ControlNet + UNet at batch 2), counted by torch's flop counter on the meta
     device: there attention runs as plain matmuls (counted), and no layer is packed (the packed oneDNN ops
-    have no flop formula). Same math as the timed step."""
+    have no flop formula). The standard step's count: ours skips the duplicated guidance rows before the
+    first cross-attention (`unet.widen`), a few percent of it."""
     latent = size // 8
     with torch.device("meta"):
         model = ControlLDM(load_config(FULL_CONFIG))
@@ -183,7 +184,8 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
     from controlnet_canny.preprocess import decode_image
 
     image_path = ROOT / "tests" / "data" / "house.png"
-    fields = {"prompt": "a house", "image_resolution": 64, "ddim_steps": 1, "seed": 1}  # little compute: run-to-run noise stays small
+    # one step: little compute, so its run-to-run noise does not swamp the overhead
+    fields = {"prompt": "a house", "image_resolution": 64, "ddim_steps": 1, "seed": 1}
     client = Client(url, "controlnet", read_key(key_file, "inference"))
     served = []
     for _ in range(count):
