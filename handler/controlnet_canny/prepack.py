@@ -12,6 +12,8 @@ gain without a compile step at start-up.
 """
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import nn
 
@@ -21,6 +23,8 @@ from .checkpoint import MADV_PAGEOUT, advise_pages
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # measured on x86-64 only; oneDNN runs other kernels on ARM
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
