@@ -36,7 +36,7 @@ class PackedConv2d(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
             conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups
         )
-        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self.bias = None if conv.bias is None else conv.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(
@@ -48,7 +48,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
