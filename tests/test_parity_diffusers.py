@@ -110,13 +110,16 @@ def _unet_config(original_yaml) -> dict:
     return config
 
 
+def _converted(model_class, config: dict, converter, original_state: dict):
+    """A diffusers model built from `config`, loaded strictly with diffusers' own conversion of the original keys."""
+    model = model_class(**config).eval()
+    model.load_state_dict(converter(original_state, config), strict=True)
+    return model
+
+
 @pytest.fixture(scope="module")
 def diffusers_unet(original_state, original_yaml) -> UNet2DConditionModel:
-    config = _unet_config(original_yaml)
-    unet = UNet2DConditionModel(**config).eval()
-    converted = sfu.convert_ldm_unet_checkpoint(original_state, config)
-    unet.load_state_dict(converted, strict=True)
-    return unet
+    return _converted(UNet2DConditionModel, _unet_config(original_yaml), sfu.convert_ldm_unet_checkpoint, original_state)
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +139,7 @@ def diffusers_controlnet(original_state, original_yaml) -> ControlNetModel:
         controlnet_conditioning_channel_order="rgb",
         global_pool_conditions=False,
     )
-    controlnet = ControlNetModel(**config).eval()
-    converted = sfu.convert_controlnet_checkpoint(original_state, config)
-    controlnet.load_state_dict(converted, strict=True)
-    return controlnet
+    return _converted(ControlNetModel, config, sfu.convert_controlnet_checkpoint, original_state)
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +163,8 @@ def diffusers_vae(original_state, original_yaml) -> AutoencoderKL:
         theirs = sfu.create_vae_diffusers_config_from_ldm(original_yaml, {}, image_size=64)
     for key, value in theirs.items():
         assert config[key] == value, f"vae config {key}: ours {config[key]}, diffusers {value}"
-    vae = AutoencoderKL(**config).eval()
     # The tiny checkpoint carries the (unused) VAE encoder too, as real files do, so the load is strict.
-    converted = sfu.convert_ldm_vae_checkpoint(original_state, config)
-    vae.load_state_dict(converted, strict=True)
-    return vae
+    return _converted(AutoencoderKL, config, sfu.convert_ldm_vae_checkpoint, original_state)
 
 
 @pytest.fixture(scope="module")
