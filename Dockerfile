@@ -17,11 +17,12 @@ ENV PIP_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# Java runs TorchServe's frontend; make runs the same set-up as `make serve` outside a container.
+# Java runs TorchServe's frontend; make runs the same set-up as `make serve` outside a container; a worker
+# serving bf16 on an AVX-512 BF16 CPU compiles its attention kernel with gcc at load (cpu_attention.c).
 # Debian's security updates move these versions, so they are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless make \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless make gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 serve

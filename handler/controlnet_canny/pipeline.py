@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ddim, prepack
+from . import cpu_attention, ddim, prepack
 from .checkpoint import load_weights
 from .config import CONFIG_DIR, ModelConfig, load_config
 from .model import ControlLDM
@@ -65,10 +65,13 @@ class BatchResult:
 
 class ControlNetCannyPipeline:
     def __init__(self, model: ControlLDM, config: ModelConfig, device: torch.device, dtype: torch.dtype):
-        """Takes ownership of `model` (loaded, on `device`): on CPU its weights get packed for oneDNN."""
+        """Takes ownership of `model` (loaded, on `device`): on CPU its weights get packed for oneDNN, and in
+        bf16 its attention runs on the AVX-512 BF16 kernel where the CPU has it."""
         self.model = model.eval()
         if prepack.supported(device, dtype):
             prepack.prepack(model)
+        if cpu_attention.supported(device, dtype):
+            cpu_attention.install(model)
         self.config = config
         self.device = device
         self.dtype = dtype

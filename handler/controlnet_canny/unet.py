@@ -62,6 +62,12 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head (the reference's scale); [batch, tokens, heads * d] in and out."""
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+
+
 class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -71,15 +77,11 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.attend = multihead_attention  # the pipeline may swap in a faster kernel (cpu_attention)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = (
-            rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
-        )
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, the reference's scale
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return self.to_out(self.attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class GEGLU(nn.Module):

@@ -1,0 +1,113 @@
+"""The bf16 attention kernel (controlnet_canny.cpu_attention): torch's accuracy at every shape the models use."""
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from controlnet_canny import cpu_attention
+from controlnet_canny.params import GenerationParams
+from controlnet_canny.pipeline import ControlNetCannyPipeline
+from controlnet_canny.unet import CrossAttention, multihead_attention
+
+from conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.skipif(
+    not cpu_attention.supported(torch.device("cpu"), torch.bfloat16), reason="no AVX-512 BF16 on this CPU"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    loaded = cpu_attention.load()
+    assert loaded is not None, "the CPU takes the kernel but it did not compile"
+    return loaded
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _inputs(batch, queries, keys, heads, dim, logit_scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, n, heads * dim, generator=generator) for n in (queries, keys, keys))
+    return (q * logit_scale).bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def _error(out, q, k, v, heads):
+    return (out.float() - multihead_attention(q.float(), k.float(), v.float(), heads)).abs().max().item()
+
+
+# (batch, queries, keys, heads, dim): the SD 1.5 levels (heads of 40, 80, 160 against themselves and 77 text
+# tokens), the tiny model's (4, 8), and sizes that fill no tile exactly.
+SHAPES = [
+    (2, 1024, 1024, 8, 40), (1, 1024, 77, 8, 40), (2, 256, 256, 8, 80), (2, 64, 77, 8, 160), (2, 16, 16, 8, 160),
+    (1, 64, 64, 8, 4), (2, 16, 77, 8, 8), (3, 5, 3, 5, 8), (1, 1, 1, 1, 2), (2, 33, 17, 2, 48), (1, 100, 97, 3, 18),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_as_accurate_as_torch_bf16(kernel, threads, shape):
+    batch, queries, keys, heads, dim = shape
+    q, k, v = _inputs(*shape)
+    out = kernel(q, k, v, heads)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    # Both round probabilities and outputs to bf16; errors of the same size, not the same bits.
+    assert _error(out, q, k, v, heads) <= 1.5 * _error(multihead_attention(q, k, v, heads), q, k, v, heads) + 2**-9
+
+
+def test_peaked_and_flat_softmax(kernel):
+    for logit_scale in (0.0, 30.0):  # uniform weights; one key takes nearly all (exp underflows elsewhere)
+        q, k, v = _inputs(2, 100, 77, 4, 40, logit_scale)
+        out = kernel(q, k, v, 4)
+        assert torch.isfinite(out).all()
+        assert _error(out, q, k, v, 4) <= 1.5 * _error(multihead_attention(q, k, v, 4), q, k, v, 4) + 2**-9
+
+
+def test_strided_views(kernel, threads):
+    """Token and batch strides as the linears' outputs and slices give them."""
+    wide = _inputs(3, 50, 50, 4, 40)
+    q, k, v = (t[:, ::2, :] for t in wide)  # every other token
+    assert not q.is_contiguous()
+    assert torch.equal(kernel(q, k, v, 4), kernel(*(t.contiguous() for t in (q, k, v)), 4))
+
+
+@pytest.mark.parametrize("heads, dim, dtype", [(2, 8, torch.float32), (2, 5, torch.bfloat16), (1, 168, torch.bfloat16)],
+                         ids=["fp32", "odd head dim", "head dim over 160"])
+def test_what_it_does_not_take_goes_to_torch(kernel, heads, dim, dtype):
+    q, k, v = (t.to(dtype) for t in _inputs(2, 6, 6, heads, dim))
+    assert not kernel.takes(q, k, v, heads)
+    assert torch.equal(kernel(q, k, v, heads), multihead_attention(q, k, v, heads))
+
+
+@pytest.mark.parametrize("compiler", ["false", "/nonexistent/cc"])
+def test_without_a_working_compiler_attention_stays_on_torch(monkeypatch, tmp_path, compiler):
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cpu_attention.load() is None
+    assert list(tmp_path.iterdir()) == []  # the build directory is gone
+
+
+def test_load_leaves_nothing_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cpu_attention.load() is not None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_pipeline_attends_with_the_kernel_and_stays_close_to_fp32(tiny_checkpoint, tiny_pipeline, house_image):
+    bf16 = ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, device="cpu", precision="bf16")
+    attentions = [m for m in bf16.model.modules() if isinstance(m, CrossAttention)]
+    assert attentions and all(isinstance(m.attend, cpu_attention.Bf16Attention) for m in attentions)
+    assert all(m.attend is multihead_attention for m in tiny_pipeline.model.modules() if isinstance(m, CrossAttention))
+
+    params = GenerationParams(prompt="a house", seed=3, ddim_steps=4, image_resolution=64)
+    image, reference = (pipe.generate([pipe.prepare(house_image, params)]).images[0][0].astype(int)
+                        for pipe in (bf16, tiny_pipeline))
+    # bf16's drift from fp32 on the tiny model (`bench.py --drift`): a few levels of 255.
+    assert np.abs(image - reference).max() <= 8
