@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import MADV_PAGEOUT, advise_pages
+from .unet import TokenProjection
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -45,9 +46,9 @@ class PackedConv2d(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | TokenProjection):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().flatten(1))
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class PackedLinear(nn.Module):
 
 
 def _packable(module: nn.Module) -> bool:
-    if type(module) is nn.Linear:
+    if type(module) in (nn.Linear, TokenProjection):
         return True
     # 1x1 convolutions are plain GEMMs that run well unpacked; packed without a fixed input size, oneDNN
     # picks a layout it then reorders from on every call (measured 17x slower).
@@ -75,7 +76,7 @@ def _page_out(tensor: torch.Tensor) -> None:
 
 
 def prepack(model: nn.Module) -> None:
-    """Replaces every Linear and spatial Conv2d of `model` (loaded, on CPU) by its packed twin, in place.
+    """Replaces every Linear, token projection and spatial Conv2d of `model` (loaded, on CPU) by its packed twin.
 
     The replacements keep their attribute paths; they are for inference only (no state_dict round trip).
     """
@@ -84,5 +85,5 @@ def prepack(model: nn.Module) -> None:
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if _packable(child)]
     for parent, name in targets:
         plain = getattr(parent, name)
-        setattr(parent, name, PackedConv2d(plain) if isinstance(plain, nn.Conv2d) else PackedLinear(plain))
+        setattr(parent, name, PackedConv2d(plain) if type(plain) is nn.Conv2d else PackedLinear(plain))
         _page_out(plain.weight)
