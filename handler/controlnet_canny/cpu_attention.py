@@ -1,13 +1,13 @@
-"""bf16 multi-head attention on CPUs with AVX-512 BF16, by a C kernel compiled at load (`cpu_attention.c`).
+"""Multi-head attention on AVX-512 CPUs by a C kernel compiled at load (`cpu_attention.c`), bf16 and fp32.
 
 torch's CPU flash-attention kernel runs bf16 at its fp32 rate unless the CPU has AMX: measured on a
 2-core Zen 4 machine at 4096 tokens and head dim 40 (the 512x512 UNet's top level), 130 GFLOP/s against
-250 for this kernel, and attention was 40% of a 512x512 bf16 step. The kernel does the same arithmetic
-(see its header); results differ from torch's by rounding, as torch's own bf16 kernel differs from fp32.
+250 for this kernel's bf16, and attention was 40% of a 512x512 bf16 step; its fp32 runs 1.1-1.3x torch's.
+The kernel does the same arithmetic (see its header); results differ from torch's by rounding.
 
 It is compiled with the machine's C compiler into a temporary directory that is removed once the library is
-loaded. Without a compiler, on another CPU or dtype, or for shapes it does not take (odd or > 160 head
-dims), attention falls back to `unet.multihead_attention`.
+loaded. Without a compiler, on another CPU, or for shapes it does not take (head dims over 160, odd ones
+in bf16), attention falls back to `unet.multihead_attention`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 MAX_HEAD_DIM = 160
-REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"}
+AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+# per dtype: the library's function and the CPU flags it needs
+KERNELS = {torch.bfloat16: ("attention_bf16", AVX512 | {"avx512_bf16"}), torch.float32: ("attention_fp32", AVX512)}
 COMPILE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                 "-mavx512vl", "-mavx512bf16"]
+                 "-mavx512vl"]
 
 _Strides = ctypes.c_int64 * 2
 
@@ -46,25 +48,26 @@ def _cpu_flags() -> set[str]:
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and sys.platform == "linux"
-            and platform.machine().lower() in ("x86_64", "amd64") and REQUIRED_CPU_FLAGS <= _cpu_flags())
+    return (device.type == "cpu" and dtype in KERNELS and sys.platform == "linux"
+            and platform.machine().lower() in ("x86_64", "amd64") and KERNELS[dtype][1] <= _cpu_flags())
 
 
-class Bf16Attention:
-    """Drop-in for `unet.multihead_attention` ([batch, tokens, heads * dim] in and out)."""
+class CpuAttention:
+    """Drop-in for `unet.multihead_attention` ([batch, tokens, heads * dim] in and out) at one dtype."""
 
-    def __init__(self, library: ctypes.CDLL):
-        self._kernel = library.attention_bf16
+    def __init__(self, library: ctypes.CDLL, dtype: torch.dtype):
+        self.dtype = dtype
+        self._kernel = getattr(library, KERNELS[dtype][0])
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [_Strides] * 4 + [ctypes.c_float]
 
-    @staticmethod
-    def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
+    def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
         dim = q.shape[-1] // heads
-        return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 3 and t.stride(-1) == 1
+        return (all(t.dtype == self.dtype and t.device.type == "cpu" and t.dim() == 3 and t.stride(-1) == 1
                     for t in (q, k, v))
                 and q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1]
-                and q.shape[-1] == k.shape[-1] == v.shape[-1] == heads * dim and dim % 2 == 0 and dim <= MAX_HEAD_DIM)
+                and q.shape[-1] == k.shape[-1] == v.shape[-1] == heads * dim and dim <= MAX_HEAD_DIM
+                and (dim % 2 == 0 or self.dtype == torch.float32))  # bf16 multiplies in pairs
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         if not self.takes(q, k, v, heads):
@@ -79,11 +82,11 @@ class Bf16Attention:
         return out
 
 
-def load() -> Bf16Attention | None:
-    """The compiled kernel, or None (logged) where no C compiler builds it."""
+def load(dtype: torch.dtype) -> CpuAttention | None:
+    """The compiled kernel for `dtype`, or None (logged) where no C compiler builds it."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler: bf16 attention stays on torch's kernel")
+        log.warning("no C compiler: attention stays on torch's kernel")
         return None
     with tempfile.TemporaryDirectory(prefix="cpu-attention-") as build:
         library_path = Path(build) / "cpu_attention.so"
@@ -92,15 +95,15 @@ def load() -> Bf16Attention | None:
                            check=True, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", None) or error
-            log.warning("bf16 attention kernel did not compile (%s): staying on torch's kernel", str(detail).strip()[-500:])
+            log.warning("attention kernel did not compile (%s): staying on torch's kernel", str(detail).strip()[-500:])
             return None
         # The loaded library stays mapped after its file is removed with the directory.
-        return Bf16Attention(ctypes.CDLL(str(library_path)))
+        return CpuAttention(ctypes.CDLL(str(library_path)), dtype)
 
 
-def install(model: nn.Module) -> bool:
+def install(model: nn.Module, dtype: torch.dtype) -> bool:
     """Every CrossAttention of `model` attends with the kernel; False where it could not be built."""
-    kernel = load()
+    kernel = load(dtype)
     if kernel is None:
         return False
     for module in model.modules():

@@ -65,13 +65,13 @@ class BatchResult:
 
 class ControlNetCannyPipeline:
     def __init__(self, model: ControlLDM, config: ModelConfig, device: torch.device, dtype: torch.dtype):
-        """Takes ownership of `model` (loaded, on `device`): on CPU its weights get packed for oneDNN, and in
-        bf16 its attention runs on the AVX-512 BF16 kernel where the CPU has it."""
+        """Takes ownership of `model` (loaded, on `device`): on CPU its weights get packed for oneDNN, and its
+        attention runs on the AVX-512 kernel where the CPU has it."""
         self.model = model.eval()
         if prepack.supported(device, dtype):
             prepack.prepack(model)
         if cpu_attention.supported(device, dtype):
-            cpu_attention.install(model)
+            cpu_attention.install(model, dtype)
         self.config = config
         self.device = device
         self.dtype = dtype
