@@ -59,7 +59,8 @@ class CpuAttention:
         self.dtype = dtype
         self._kernel = getattr(library, KERNELS[dtype][0])
         self._kernel.restype = ctypes.c_int
-        self._kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [_Strides] * 4 + [ctypes.c_float]
+        self._kernel.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [_Strides] * 4
+                                 + [ctypes.c_float, ctypes.c_int])
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
         dim = q.shape[-1] // heads
@@ -76,7 +77,8 @@ class CpuAttention:
         dim = width // heads
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         status = self._kernel(*(t.data_ptr() for t in (q, k, v, out)), batch, heads, queries, k.shape[1], dim,
-                              *(_Strides(t.stride(0), t.stride(1)) for t in (q, k, v, out)), dim ** -0.5)
+                              *(_Strides(t.stride(0), t.stride(1)) for t in (q, k, v, out)), dim ** -0.5,
+                              torch.get_num_threads())  # what the handler set, as torch's ops use
         if status:
             raise MemoryError("attention kernel: out of memory for its workspace")
         return out
@@ -109,4 +111,5 @@ def install(model: nn.Module, dtype: torch.dtype) -> bool:
     for module in model.modules():
         if isinstance(module, CrossAttention):
             module.attend = kernel
+    log.info("attention: the AVX-512 %s kernel", str(dtype).removeprefix("torch."))
     return True

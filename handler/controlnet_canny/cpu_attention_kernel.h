@@ -122,18 +122,18 @@ static void FN(attend_head)(const shape_t *s, const ELEM *q, int64_t q_stride, c
 }
 
 // Tensors are [batch][tokens][heads * dim] with any batch and token strides (elements); head h starts h * dim
-// elements into a token. The heads are shared among OpenMP threads: torch's own pool, as this library
-// links the libgomp that torch has loaded (a second pool would compete with torch's spinning threads).
-// Returns 0; 1 when out of memory; 2 for a head dim it does not take.
+// elements into a token. The heads are shared among `threads` OpenMP threads: torch's own pool, as this
+// library links the libgomp that torch has loaded (a second pool would compete with torch's spinning
+// threads). Returns 0; 1 when out of memory; 2 for a head dim it does not take.
 int FN(attention)(const ELEM *q, const ELEM *k, const ELEM *v, ELEM *out, int64_t batch, int64_t heads,
                   int64_t queries, int64_t keys, int64_t dim, const int64_t *q_strides, const int64_t *k_strides,
-                  const int64_t *v_strides, const int64_t *out_strides, float scale) {
+                  const int64_t *v_strides, const int64_t *out_strides, float scale, int threads) {
     if (dim < LANE || dim % LANE || dim > 16 * MAX_VECTORS) return 2;
     // 32-key multiples: the softmax writes probabilities two vectors at a time.
     shape_t s = {queries, keys, dim, (keys + 31) / 32 * 2, 0, (dim + 15) / 16};
     s.padded_keys = s.key_groups * 16;
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         FN(workspace_t) w = {
             aligned_alloc(64, s.key_groups * 16 * dim * sizeof(ELEM)),
