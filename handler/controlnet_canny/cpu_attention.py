@@ -111,5 +111,5 @@ def install(model: nn.Module, dtype: torch.dtype) -> bool:
     for module in model.modules():
         if isinstance(module, CrossAttention):
             module.attend = kernel
-    log.info("attention: the AVX-512 %s kernel", str(dtype).removeprefix("torch."))
+    log.info("attention: the AVX-512 kernel (%s)", KERNELS[dtype][0])
     return True
