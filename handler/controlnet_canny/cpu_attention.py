@@ -103,13 +103,12 @@ def load(dtype: torch.dtype) -> CpuAttention | None:
         return CpuAttention(ctypes.CDLL(str(library_path)), dtype)
 
 
-def install(model: nn.Module, dtype: torch.dtype) -> bool:
-    """Every CrossAttention of `model` attends with the kernel; False where it could not be built."""
+def install(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every CrossAttention of `model` attends with the kernel, where it builds (else they keep torch's)."""
     kernel = load(dtype)
     if kernel is None:
-        return False
+        return
     for module in model.modules():
         if isinstance(module, CrossAttention):
             module.attend = kernel
     log.info("attention: the AVX-512 kernel (%s)", KERNELS[dtype][0])
-    return True
