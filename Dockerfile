@@ -18,7 +18,7 @@ ENV PIP_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT} \
     PYTHONUNBUFFERED=1
 
 # Java runs TorchServe's frontend; make runs the same set-up as `make serve` outside a container; a worker
-# serving bf16 on an AVX-512 BF16 CPU compiles its attention kernel with gcc at load (cpu_attention.c).
+# serving bf16 on an AVX-512 BF16 CPU compiles its attention kernel with gcc at load (backends/cpu_attention.c).
 # Debian's security updates move these versions, so they are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \

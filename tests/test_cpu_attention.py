@@ -1,4 +1,4 @@
-"""The attention kernel (controlnet_canny.cpu_attention): torch's accuracy at every shape the models use."""
+"""The attention kernel (controlnet_canny.backends.cpu_attention): torch's accuracy at every shape the models use."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from controlnet_canny import cpu_attention
+from controlnet_canny.backends import cpu_attention
 from controlnet_canny.params import GenerationParams
 from controlnet_canny.pipeline import ControlNetCannyPipeline
 from controlnet_canny.unet import CrossAttention, multihead_attention

@@ -34,7 +34,7 @@ from controlnet_canny.params import GenerationParams  # noqa: E402
 from controlnet_canny.text_encoder import tokenize  # noqa: E402
 
 # Max abs diff relative to the reference's largest magnitude (at least 1), everywhere below unless a comment
-# says otherwise. On CPU our convolutions and linears run oneDNN's packed kernels (controlnet_canny.prepack),
+# says otherwise. On CPU our convolutions and linears run oneDNN's packed kernels (controlnet_canny.backends.cpu_prepack),
 # which round differently from the plain ones diffusers calls: observed up to 1.6e-4 on the middle residual,
 # whose GroupNorm at the tiny model's 1x1 middle resolution normalizes two values per group (ill-conditioned),
 # and 1e-5 or less elsewhere. A wrong layer shows up as O(1).

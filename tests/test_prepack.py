@@ -1,12 +1,12 @@
-"""Packed oneDNN weights (controlnet_canny.prepack): same results as the plain layers, at every input shape."""
+"""Packed oneDNN weights (controlnet_canny.backends.cpu_prepack): same results as the plain layers, at every input shape."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from controlnet_canny import prepack
-from controlnet_canny.prepack import PackedConv2d, PackedLinear
+from controlnet_canny.backends import cpu_prepack as prepack
+from controlnet_canny.backends.cpu_prepack import PackedConv2d, PackedLinear
 from controlnet_canny.unet import TokenProjection
 
 pytestmark = pytest.mark.skipif(

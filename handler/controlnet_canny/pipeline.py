@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cpu_attention, ddim, prepack
+from . import ddim
+from .backends import cpu_attention, cpu_prepack as prepack
 from .checkpoint import load_weights
 from .config import CONFIG_DIR, ModelConfig, load_config
 from .model import ControlLDM

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .unet import CrossAttention, multihead_attention
+from ..unet import CrossAttention, multihead_attention
 
 log = logging.getLogger(__name__)
 

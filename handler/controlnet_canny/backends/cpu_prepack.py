@@ -17,8 +17,8 @@ import platform
 import torch
 from torch import nn
 
-from .checkpoint import MADV_PAGEOUT, advise_pages
-from .unet import TokenProjection
+from ..checkpoint import MADV_PAGEOUT, advise_pages
+from ..unet import TokenProjection
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
