@@ -66,17 +66,18 @@ class ControlNetHandler:
             device = None  # the pipeline's choice
         self.pipeline = ControlNetCannyPipeline.load(
             [model_dir / name for name in self.config.checkpoints], model_dir / self.config.model_config,
-            device, self.config.precision,
+            device, self.config.precision, self.config.backend,
         )
         self.model_info = {
             "model": context.model_name,
             "model_version": (context.manifest or {}).get("model", {}).get("modelVersion"),
             "checkpoints": list(self.config.checkpoints),
             "config": self.config.model_config,
-            "precision": self.config.precision,
+            "precision": self.pipeline.precision,
             "device": str(self.pipeline.device),
         }
-        logger.info("loaded %s on %s with %d threads", self.model_info, self.pipeline.device, torch.get_num_threads())
+        logger.info("loaded %s on %s with %d threads; backend %s", self.model_info, self.pipeline.device,
+                    torch.get_num_threads(), self.pipeline.backend.summary())
 
     def handle(self, data: list[dict], context) -> list[bytes]:
         requests: dict[int, serving.ServingRequest] = {}

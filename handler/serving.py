@@ -20,7 +20,8 @@ import numpy as np
 
 from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, parse_params
-from controlnet_canny.pipeline import PRECISIONS, Prepared
+from controlnet_canny.backends import BackendOptions
+from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared
 from controlnet_canny.preprocess import decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
@@ -36,7 +37,7 @@ class ServingConfig:
     """The `handler:` section of model-config.yaml. Paths are relative to the model directory."""
     checkpoints: tuple[str, ...]
     model_config: str
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
     device: str = "auto"  # auto: the GPU TorchServe assigns to the worker, else the pipeline's choice
     threads: int = 0  # torch threads per worker; 0: the usable cores divided by maxWorkers
     max_image_bytes: int = 16 * 2**20
@@ -44,6 +45,7 @@ class ServingConfig:
     max_batch_samples: int = 12  # samples per sampler batch; bounds memory when batched requests ask many
     limits: Limits = Limits()
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request field defaults, e.g. image_resolution
+    backend: BackendOptions = BackendOptions()
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> ServingConfig:
@@ -55,12 +57,16 @@ class ServingConfig:
         for required in ("checkpoints", "model_config"):
             if not section.get(required):
                 raise ValueError(f"handler.{required} is required (scripts/build_mar.py sets it)")
-        if section.get("precision", "fp32") not in PRECISIONS:
-            raise ValueError(f"handler.precision must be one of {sorted(PRECISIONS)}, got {section['precision']!r}")
+        if section.get("precision", "auto") not in PRECISION_CHOICES:
+            raise ValueError(f"handler.precision must be one of {list(PRECISION_CHOICES)}, got {section['precision']!r}")
         values = dict(section)
         values["checkpoints"] = tuple(section["checkpoints"])
         values["limits"] = Limits.from_mapping(section.get("limits") or {})
         values["defaults"] = dict(section.get("defaults") or {})
+        try:
+            values["backend"] = BackendOptions.from_mapping(section.get("backend") or {})
+        except ValueError as err:
+            raise ValueError(f"handler.{err}") from None
         config = cls(**values)
         allowed = set(GENERATION_FIELDS) - {"prompt"}  # the prompt is always the client's
         if set(config.defaults) - allowed:

@@ -20,7 +20,8 @@ from controlnet_canny.bundle import encode_png, make_bundle  # noqa: E402
 from controlnet_canny.config import CONFIG_DIR  # noqa: E402
 from controlnet_canny.ddim import ddim_timesteps  # noqa: E402
 from controlnet_canny.params import GenerationParams, Limits, ParamError, parse_params  # noqa: E402
-from controlnet_canny.pipeline import PRECISIONS, ControlNetCannyPipeline  # noqa: E402
+from controlnet_canny.backends import BackendOptions  # noqa: E402
+from controlnet_canny.pipeline import PRECISION_CHOICES, ControlNetCannyPipeline  # noqa: E402
 from controlnet_canny.preprocess import decode_image  # noqa: E402
 
 # Offline there is no server to protect: wide limits, any multiple of 64 from 64 up.
@@ -34,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=CONFIG_DIR / "cldm_v15.yaml")
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("result.zip"))
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    parser.add_argument("--backend", action="append", default=[], metavar="KEY=VALUE",
+                        help="CPU speed levers as in model-config.yaml's handler.backend, e.g. prepack=none")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
     defaults = GenerationParams(prompt="")
     for f in fields(GenerationParams):
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         image = decode_image(args.image.read_bytes(), max_bytes=2**30, max_pixels=2**28, field="--image")
     except ParamError as err:
         sys.exit(f"error: {err}")
-    pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision)
+    backend = BackendOptions.from_mapping(dict(option.partition("=")[::2] for option in args.backend))
+    pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision, backend)
     prepared = pipeline.prepare(image, params)
     steps = len(ddim_timesteps(prepared.params.ddim_steps))
     with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr) as bar:
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         "width": prepared.edge_map.shape[1],
         "checkpoints": [p.name for p in args.checkpoint],
         "config": args.config.name,
-        "precision": args.precision,
+        "precision": pipeline.precision,
         "device": str(pipeline.device),
     }
     samples = [encode_png(img, {**effective, "seed": seed}) for img, seed in zip(result.images[0], prepared.seeds)]

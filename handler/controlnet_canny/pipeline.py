@@ -5,6 +5,8 @@ drive this class.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -15,21 +17,46 @@ import numpy as np
 import torch
 
 from . import ddim
-from .backends import cpu_attention, cpu_prepack as prepack
+from .backends import Backend, BackendOptions, select
+from .backends.cpu import has_native_bf16, slowdown_of_emulated_bf16
 from .checkpoint import load_weights
 from .config import CONFIG_DIR, ModelConfig, load_config
 from .model import ControlLDM
 from .params import GenerationParams
-from .preprocess import canny, resize_image
+from .preprocess import canny, output_size, resize_image
 from .unet import widen
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 GUESS_MODE_DECAY = 0.825
 TEXT_CACHE_SIZE = 64
+# The backend measures its levers on the shapes of outputs this short side gives in these aspect ratios (height,
+# width): the service's smallest images, square, landscape and portrait, as users send them.
+CALIBRATION_RESOLUTION = 256
+CALIBRATION_ASPECTS = ((1, 1), (3, 4), (9, 16), (4, 3))
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: fp16 on CUDA, bf16 on CPUs that compute it natively (AVX512_BF16 or AMX), fp32 elsewhere."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cpu" and not has_native_bf16():
+            log.warning("bf16 on a CPU without native bf16 (no AVX512_BF16 or AMX): a bf16 matrix product runs %.0fx "
+                        "slower than fp32 here (measured now); precision auto or fp32 is faster",
+                        slowdown_of_emulated_bf16())
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and has_native_bf16() else "fp32"
 
 
 def control_scales(strength: float, guess_mode: bool, count: int = 13) -> list[float]:
@@ -65,14 +92,11 @@ class BatchResult:
 
 
 class ControlNetCannyPipeline:
-    def __init__(self, model: ControlLDM, config: ModelConfig, device: torch.device, dtype: torch.dtype):
-        """Takes ownership of `model` (loaded, on `device`): on CPU its weights get packed for oneDNN, and its
-        attention runs on the AVX-512 kernel where the CPU has it."""
+    def __init__(self, model: ControlLDM, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 backend_options: BackendOptions = BackendOptions()):
+        """Takes ownership of `model` (loaded, on `device`): the device's backend may swap its layers for faster
+        twins that compute the same thing (see `backends`)."""
         self.model = model.eval()
-        if prepack.supported(device, dtype):
-            prepack.prepack(model)
-        if cpu_attention.supported(device, dtype):
-            cpu_attention.install(model, dtype)
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -80,6 +104,16 @@ class ControlNetCannyPipeline:
             config.schedule.linear_start, config.schedule.linear_end, config.schedule.timesteps
         )
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.backend: Backend = select(device, dtype, backend_options)
+        factor = config.latent_factor
+        latent_sizes = [(h // factor, w // factor)
+                        for h, w in (output_size(ah, aw, CALIBRATION_RESOLUTION) for ah, aw in CALIBRATION_ASPECTS)]
+        self.backend.prepare(self.model, self._probe, latent_sizes, hashlib.sha256(repr(config).encode()).hexdigest()[:16])
+        log.info("backend %s", self.backend.summary())
+
+    @property
+    def precision(self) -> str:
+        return next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
 
     @classmethod
     def load(
@@ -87,18 +121,29 @@ class ControlNetCannyPipeline:
         checkpoints: Sequence[str | Path],
         config: str | Path = CONFIG_DIR / "cldm_v15.yaml",
         device: str | torch.device | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
+        backend_options: BackendOptions = BackendOptions(),
     ) -> ControlNetCannyPipeline:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         device = torch.device(device) if device is not None else default_device()
-        if precision == "fp16" and device.type != "cuda":
-            raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        dtype = PRECISIONS[resolve_precision(precision, device)]
         cfg = load_config(config)
         with torch.device("meta"):
             model = ControlLDM(cfg)
-        load_weights(model, list(checkpoints), device, PRECISIONS[precision])
-        return cls(model, cfg, device, PRECISIONS[precision])
+        load_weights(model, list(checkpoints), device, dtype)
+        return cls(model, cfg, device, dtype, backend_options)
+
+    def _probe(self, latent_size: tuple[int, int]) -> None:
+        """The text encoder and one guided step of a one-sample request at this latent size, as `generate` runs
+        them (the backend watches it to see the shapes each layer gets)."""
+        height, width = latent_size
+        context = self.model.cond_stage_model([""])
+        hint_features = torch.zeros(1, self.config.unet.model_channels, height, width, device=self.device,
+                                    dtype=self.dtype)
+        scales = torch.ones(1, 13, device=self.device, dtype=self.dtype)
+        guidance = torch.ones(1, 1, 1, 1, device=self.device)
+        eps = self._guided_eps(context, context, hint_features, scales, guidance, False, False)
+        latents = torch.zeros(1, self.config.unet.in_channels, height, width, device=self.device)
+        eps(latents, torch.ones(1, dtype=torch.long, device=self.device))
 
     def prepare(self, image: np.ndarray, params: GenerationParams) -> Prepared:
         params = params.with_resolved_seed()
@@ -137,6 +182,7 @@ class ControlNetCannyPipeline:
 
         cond = torch.cat(per_sample([self.encode_text(p.params.prompt + ", " + p.params.a_prompt) for p in batch]))
         uncond = torch.cat(per_sample([self.encode_text(p.params.n_prompt) for p in batch]))
+        self.backend.synchronize()
         seconds["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -163,10 +209,12 @@ class ControlNetCannyPipeline:
         eps_model = self._guided_eps(cond, uncond, hint_features, scales, guidance, first.guess_mode, first.scale == 1.0)
         timesteps = ddim.ddim_timesteps(first.ddim_steps, self.config.schedule.timesteps)
         latents = ddim.sample_ddim(eps_model, noise(), timesteps, self.alphas_cumprod, eta, noise, callback)
+        self.backend.synchronize()
         seconds["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        decoded = [self._decode(latent[None]) for latent in latents]
+        step = self.backend.decode_batch
+        decoded = [image for i in range(0, len(latents), step) for image in self._decode(latents[i:i + step])]
         seconds["decoding"] = time.perf_counter() - start
         images, offset = [], 0
         for p in batch:
@@ -201,8 +249,9 @@ class ControlNetCannyPipeline:
 
         return eps
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents to (H, W, 3) uint8: x * 127.5 + 127.5, clipped and truncated (no rounding) as the reference."""
+    def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """Latents to (H, W, 3) uint8 images: x * 127.5 + 127.5, clipped and truncated (no rounding) as the
+        reference; quantised on the device, so one uint8 copy leaves it."""
         x = self.model.first_stage_model.decode(latents.to(self.dtype)).float()
-        x = (x[0].permute(1, 2, 0) * 127.5 + 127.5).cpu().numpy()
-        return x.clip(0, 255).astype(np.uint8)
+        pixels = (x.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp_(0, 255).to(torch.uint8)
+        return list(pixels.cpu().numpy())

@@ -1,1 +1,68 @@
-"""What makes one kind of device fast, kept out of the model files (which are plain math named after the checkpoint)."""
+"""What makes one kind of device fast, kept out of the model files (plain math named after the checkpoint).
+
+A backend is chosen per device when the pipeline loads. It may swap layers of the loaded model for faster twins
+that compute the same thing (packed weights, an attention kernel), and it owns what the pipeline must do
+differently per device: when to synchronise before reading a clock, how many samples to decode at once.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+# Runs the networks of every denoising step (and the text encoder) once at a latent size (height, width), as a
+# request does: the backend watches which layers see which shapes.
+Probe = Callable[[tuple[int, int]], None]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The `handler.backend` section of model-config.yaml (also `generate.py --backend KEY=VALUE`)."""
+    prepack: str = "auto"  # CPU: auto (measured per layer class), all, none
+    attention: str = "auto"  # CPU: auto (measured), torch, or a kernel variant such as avx512 / avx2
+    calibration_cache: str = "default"  # CPU: directory of the measured choices; default: ~/.cache/...; "": none
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> BackendOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"backend: unknown keys {unknown}; known: {sorted(known)}")
+        options = cls(**{k: str(v) for k, v in section.items()})
+        if options.prepack not in ("auto", "all", "none"):
+            raise ValueError(f"backend.prepack must be auto, all or none, got {options.prepack!r}")
+        return options
+
+
+class Backend:
+    """The plain PyTorch path: any device torch runs on, nothing swapped."""
+
+    decode_batch = 1  # samples per VAE decode: its activations are the largest tensors of a request
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+
+    def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
+        """Called once on the loaded model, before any request; `model_id` names its architecture."""
+
+    def synchronize(self) -> None:
+        """Waits for queued device work, so that a clock read or a progress event tells the truth."""
+
+    def summary(self) -> str:
+        return f"{self.device.type}: plain PyTorch"
+
+
+def select(device: torch.device, dtype: torch.dtype, options: BackendOptions) -> Backend:
+    if device.type == "cpu":
+        from .cpu import CpuBackend
+
+        return CpuBackend(device, dtype, options)
+    if device.type == "cuda":
+        from .cuda import CudaBackend
+
+        return CudaBackend(device, dtype)
+    return Backend(device, dtype)

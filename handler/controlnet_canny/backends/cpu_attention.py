@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..unet import CrossAttention, multihead_attention
+from ..unet import multihead_attention
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +46,19 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
 
 
-def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype in KERNELS and sys.platform == "linux"
-            and platform.machine().lower() in ("x86_64", "amd64") and KERNELS[dtype][1] <= _cpu_flags())
+def variants(dtype: torch.dtype) -> list[str]:
+    """The kernel builds this CPU runs for `dtype`."""
+    runs = (dtype in KERNELS and sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
+            and KERNELS[dtype][1] <= _cpu_flags())
+    return ["avx512"] if runs else []
 
 
 class CpuAttention:
     """Drop-in for `unet.multihead_attention` ([batch, tokens, heads * dim] in and out) at one dtype."""
 
-    def __init__(self, library: ctypes.CDLL, dtype: torch.dtype):
+    def __init__(self, library: ctypes.CDLL, dtype: torch.dtype, variant: str):
         self.dtype = dtype
+        self.name = f"kernel-{variant}-{str(dtype).removeprefix('torch.')}"
         self._kernel = getattr(library, KERNELS[dtype][0])
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [_Strides] * 4
@@ -84,7 +86,7 @@ class CpuAttention:
         return out
 
 
-def load(dtype: torch.dtype) -> CpuAttention | None:
+def load(dtype: torch.dtype, variant: str) -> CpuAttention | None:
     """The compiled kernel for `dtype`, or None (logged) where no C compiler builds it."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -100,15 +102,4 @@ def load(dtype: torch.dtype) -> CpuAttention | None:
             log.warning("attention kernel did not compile (%s): staying on torch's kernel", str(detail).strip()[-500:])
             return None
         # The loaded library stays mapped after its file is removed with the directory.
-        return CpuAttention(ctypes.CDLL(str(library_path)), dtype)
-
-
-def install(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every CrossAttention of `model` attends with the kernel, where it builds (else they keep torch's)."""
-    kernel = load(dtype)
-    if kernel is None:
-        return
-    for module in model.modules():
-        if isinstance(module, CrossAttention):
-            module.attend = kernel
-    log.info("attention: the AVX-512 kernel (%s)", KERNELS[dtype][0])
+        return CpuAttention(ctypes.CDLL(str(library_path)), dtype, variant)

@@ -13,6 +13,7 @@ gain without a compile step at start-up.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def _packable(module: nn.Module) -> bool:
+def packable(module: nn.Module) -> bool:
     if type(module) in (nn.Linear, TokenProjection):
         return True
     # 1x1 convolutions are plain GEMMs that run well unpacked; packed without a fixed input size, oneDNN
@@ -75,15 +76,20 @@ def _page_out(tensor: torch.Tensor) -> None:
     advise_pages(tensor, MADV_PAGEOUT)
 
 
-def prepack(model: nn.Module) -> None:
-    """Replaces every Linear, token projection and spatial Conv2d of `model` (loaded, on CPU) by its packed twin.
+def packed_twin(layer: nn.Module) -> nn.Module:
+    return PackedConv2d(layer) if type(layer) is nn.Conv2d else PackedLinear(layer)
+
+
+def prepack(model: nn.Module, chosen: Callable[[nn.Module], bool]) -> None:
+    """Replaces the packable layers of `model` (loaded, on CPU) that `chosen` accepts by their packed twins.
 
     The replacements keep their attribute paths; they are for inference only (no state_dict round trip).
     """
     # Only the parents are listed, so each plain layer is freed as soon as its twin replaces it: peak memory
     # grows by one layer, not by a second copy of the model.
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if _packable(child)]
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if packable(child) and chosen(child)]
     for parent, name in targets:
         plain = getattr(parent, name)
-        setattr(parent, name, PackedConv2d(plain) if type(plain) is nn.Conv2d else PackedLinear(plain))
+        setattr(parent, name, packed_twin(plain))
         _page_out(plain.weight)

@@ -1,0 +1,264 @@
+"""CPUs: oneDNN-packed weights and a C attention kernel, each used only where it measured faster on this machine.
+
+Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3,
+see docs/benchmarks.md) and on the shapes a layer sees. So at load the backend finds every shape each layer of
+the model sees at a calibration size in several aspect ratios (carried over from one small real forward),
+times the candidates of each distinct layer class on those shapes, and keeps a lever only for the classes where
+it wins at every shape. The choices are cached per machine, torch version, thread count and dtype, logged in
+one line, and can be forced in model-config.yaml (`handler.backend`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..unet import CrossAttention, multihead_attention
+from . import Backend, BackendOptions, Probe
+from . import cpu_attention, cpu_prepack
+
+log = logging.getLogger(__name__)
+
+WIN_MARGIN = 0.95  # a lever must take at most 95% of the plain time: within timing noise, plain is kept
+TIME_BUDGET_S = 0.05  # per candidate and shape: enough runs to fill it, at least one after a warm-up
+MAX_RUNS = 5
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+# The latent of the probe whose shapes are watched: the smallest whose every UNet level keeps whole sides (three
+# halvings), with unequal sides so that heights and widths cannot be confused, and an area (128) that no text
+# sequence (77 tokens per chunk) shares.
+REFERENCE_LATENT = (8, 16)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+
+
+def cpu_model() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+
+
+def has_native_bf16() -> bool:
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "controlnet-canny"
+
+
+def median_seconds(run: Callable[[], object]) -> float:
+    run()  # oneDNN builds its primitive for a new shape on the first call
+    times = []
+    while len(times) < MAX_RUNS and (not times or sum(times) < TIME_BUDGET_S):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _layer_class(module: nn.Module) -> str:
+    """Layers with equal classes run the same kernels: one is timed for all."""
+    weight = tuple(module.weight.shape)
+    if isinstance(module, nn.Conv2d) and type(module) is nn.Conv2d:
+        return f"conv{weight}s{module.stride}p{module.padding}g{module.groups}"
+    return f"{type(module).__name__.lower()}{weight}"
+
+
+class CalibrationCache:
+    """Measured choices in one JSON file per machine, torch version, thread count and dtype."""
+
+    def __init__(self, directory: Path | None, dtype: torch.dtype):
+        identity = json.dumps([cpu_model(), sorted(cpu_flags()), torch.__version__, torch.get_num_threads(), str(dtype)])
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self.path = None if directory is None else directory / f"calibration-{digest}.json"
+        self.entries: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                log.warning("calibration cache %s unreadable: measuring again", self.path)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
+                json.dump(self.entries, tmp, indent=1, sort_keys=True)
+            os.replace(tmp.name, self.path)  # atomic: a second worker calibrating at once never reads half a file
+        except OSError as error:
+            log.warning("calibration cache not written (%s): the next load measures again", error)
+
+
+class CpuBackend(Backend):
+    def __init__(self, device: torch.device, dtype: torch.dtype, options: BackendOptions):
+        super().__init__(device, dtype)
+        self.options = options
+        self.choices: dict[str, str] = {}
+        self._kernels: dict[str, cpu_attention.CpuAttention | None] = {}
+
+    def _kernel(self, variant: str) -> cpu_attention.CpuAttention | None:
+        if variant not in self._kernels:  # compiling takes a second: once per variant
+            self._kernels[variant] = cpu_attention.load(self.dtype, variant)
+        return self._kernels[variant]
+
+    def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
+        start = time.perf_counter()
+        directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
+                                                                   Path(self.options.calibration_cache))
+        cache = CalibrationCache(directory, self.dtype)
+        key = f"{model_id} latents {latent_sizes} prepack {self.options.prepack} attention {self.options.attention}"
+        cached = key in cache.entries
+        if not cached:
+            cache.entries[key] = self._measure(model, probe, latent_sizes)
+            cache.save()
+        choice = cache.entries[key]
+        modules = dict(model.named_modules())
+        packable = [name for name, module in modules.items() if cpu_prepack.packable(module)]
+        if choice["packed"]:
+            packed = {modules[name] for name in choice["packed"]}
+            cpu_prepack.prepack(model, packed.__contains__)
+        kernel = None if choice["attention"] == "torch" else self._kernel(choice["attention"])
+        if kernel is not None:
+            for module in model.modules():
+                if isinstance(module, CrossAttention):
+                    module.attend = kernel
+        self.choices = {
+            "prepack": f"{len(choice['packed'])}/{len(packable)} layers ({choice['classes']})",
+            "attention": kernel.name if kernel is not None else "torch",
+            "calibration": f"{'cached' if cached else 'measured'} in {time.perf_counter() - start:.1f} s",
+        }
+
+    def summary(self) -> str:
+        return "cpu: " + ", ".join(f"{name} {choice}" for name, choice in self.choices.items())
+
+    def _measure(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]]) -> dict:
+        layer_shapes, attention_shapes = _record_shapes(model, probe, latent_sizes)
+        names = {module: name for name, module in model.named_modules()}
+        packed, wins, classes = self._choose_packing(layer_shapes)
+        return {"packed": sorted(names[m] for m in packed), "classes": f"{wins}/{classes} classes packed",
+                "attention": self._choose_attention(attention_shapes)}
+
+    def _choose_packing(self, layer_shapes: dict[nn.Module, set[tuple]]) -> tuple[set[nn.Module], int, int]:
+        if not cpu_prepack.supported(self.device, self.dtype) or self.options.prepack == "none":
+            return set(), 0, 0
+        by_class: dict[str, list[nn.Module]] = defaultdict(list)
+        for module in layer_shapes:
+            by_class[_layer_class(module)].append(module)
+        packed: set[nn.Module] = set()
+        wins = 0
+        for modules in by_class.values():
+            shapes = sorted(set().union(*(layer_shapes[m] for m in modules)))
+            if self.options.prepack == "all" or self._packing_wins(modules[0], shapes):
+                packed.update(modules)
+                wins += 1
+        return packed, wins, len(by_class)
+
+    def _packing_wins(self, layer: nn.Module, shapes: list[tuple]) -> bool:
+        """Packed must win at every shape the layer class sees: no request shape may get slower than plain."""
+        twin = cpu_prepack.packed_twin(layer)
+        with torch.inference_mode():
+            for shape in shapes:
+                x = torch.randn(shape, dtype=self.dtype)
+                if median_seconds(lambda: twin(x)) > WIN_MARGIN * median_seconds(lambda: layer(x)):
+                    return False
+        return True
+
+    def _choose_attention(self, shapes: dict[tuple, int]) -> str:
+        wanted = self.options.attention
+        variants = cpu_attention.variants(self.dtype)
+        if wanted not in ("auto", "torch") and wanted not in variants:
+            raise ValueError(f"backend.attention: {wanted!r} does not run here; this CPU has {['torch', *variants]}")
+        if wanted != "auto":
+            return wanted
+        kernels = {v: kernel for v in variants if (kernel := self._kernel(v)) is not None}
+        if not kernels or not shapes:
+            return "torch"
+        seconds = {name: _attention_seconds(attend, shapes, self.dtype)
+                   for name, attend in {"torch": multihead_attention, **kernels}.items()}
+        best = min(seconds, key=seconds.get)
+        return best if seconds[best] <= WIN_MARGIN * seconds["torch"] else "torch"
+
+
+def _attention_seconds(attend, shapes: dict[tuple, int], dtype: torch.dtype) -> float:
+    """Time of one guided step's attention calls: each distinct (q, k, heads) shape, times its calls."""
+    total = 0.0
+    with torch.inference_mode():
+        for (q_shape, k_shape, heads), calls in shapes.items():
+            q = torch.randn(q_shape, dtype=dtype)
+            k = torch.randn(k_shape, dtype=dtype)
+            v = torch.randn(k_shape, dtype=dtype)
+            total += calls * median_seconds(lambda: attend(q, k, v, heads))
+    return total
+
+
+def _record_shapes(model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]]):
+    """Input shapes of every packable layer, and (q, k, heads) shapes of every attention call with their counts,
+    at each latent size.
+
+    One real probe at a small reference latent is watched, and its shapes are carried over to each size: a
+    feature map's sides scale with the latent's, a token sequence read from one has the map's area (a sequence
+    of text tokens does not change). Cheaper than a probe per size, even on fake tensors."""
+    reference: dict[nn.Module, list[tuple]] = defaultdict(list)
+    reference_attention: list[tuple] = []
+    layers = [m for m in model.modules() if cpu_prepack.packable(m)]
+    attentions = [m for m in model.modules() if isinstance(m, CrossAttention)]
+
+    def record_attention(q, k, v, heads):
+        reference_attention.append((tuple(q.shape), tuple(k.shape), heads))
+        return multihead_attention(q, k, v, heads)
+
+    hooks = [m.register_forward_pre_hook(lambda m, args: reference[m].append(tuple(args[0].shape))) for m in layers]
+    swapped = [(m, m.attend) for m in attentions]
+    for m in attentions:
+        m.attend = record_attention
+    try:
+        with torch.inference_mode():
+            probe(REFERENCE_LATENT)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, attend in swapped:
+            m.attend = attend
+    layer_shapes = {m: {_carried(s, size) for s in shapes for size in latent_sizes} for m, shapes in reference.items()}
+    attention_shapes: dict[tuple, int] = defaultdict(int)
+    for size in latent_sizes:
+        for q, k, heads in reference_attention:
+            attention_shapes[(_carried(q, size), _carried(k, size), heads)] += 1
+    return layer_shapes, attention_shapes
+
+
+def _carried(shape: tuple, latent: tuple[int, int]) -> tuple:
+    """A shape seen at REFERENCE_LATENT, as it is at `latent` (sides multiples of 8, as every output size gives)."""
+    (ref_h, ref_w), (h, w) = REFERENCE_LATENT, latent
+    if len(shape) == 4:
+        return (*shape[:2], shape[2] * h // ref_h, shape[3] * w // ref_w)
+    if len(shape) == 3:
+        for level in range(4):
+            if shape[1] == (ref_h >> level) * (ref_w >> level):
+                return (shape[0], (h >> level) * (w >> level), shape[2])
+    return shape
+
+
+def slowdown_of_emulated_bf16(size: int = 512) -> float:
+    """How many times slower a bf16 matrix product runs than an fp32 one on this CPU (a few hundred ms)."""
+    a32 = torch.randn(size, size)
+    a16 = a32.bfloat16()
+    return median_seconds(lambda: a16 @ a16) / median_seconds(lambda: a32 @ a32)

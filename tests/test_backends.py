@@ -1,0 +1,249 @@
+"""Backends: the CPU levers are chosen by measurement (mocked here, so that each decision rule is tested on any
+machine), cached, and can be forced; precision `auto`; the device contract the pipeline keeps (clocks and
+progress read after a synchronisation, batched decoding)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from controlnet_canny import pipeline as pipeline_module
+from controlnet_canny.backends import Backend, BackendOptions, cpu, cpu_prepack
+from controlnet_canny.backends.cpu_prepack import PackedConv2d, PackedLinear
+from controlnet_canny.params import GenerationParams
+from controlnet_canny.pipeline import ControlNetCannyPipeline, resolve_precision
+from controlnet_canny.unet import CrossAttention, TokenProjection, multihead_attention
+
+from conftest import TINY_CONFIG
+
+needs_onednn = pytest.mark.skipif(not cpu_prepack.supported(torch.device("cpu"), torch.float32),
+                                  reason="this torch build has no oneDNN: nothing to pack")
+
+
+def _load(checkpoint, tmp_path, **options) -> ControlNetCannyPipeline:
+    options.setdefault("calibration_cache", str(tmp_path))
+    return ControlNetCannyPipeline.load([checkpoint], TINY_CONFIG, "cpu", "fp32", BackendOptions(**options))
+
+
+class _Timed:
+    """Stands in for the clock: a run's "seconds" are given by `cost(layer, input)`, not measured."""
+
+    def __init__(self, monkeypatch, cost):
+        self.calls = 0
+        twin = cpu_prepack.packed_twin
+
+        def tagged_twin(layer):
+            packed = twin(layer)
+            packed.plain_type = type(layer)
+            return packed
+
+        def median_seconds(run):
+            self.calls += 1
+            self.last = None
+            run()
+            return cost(*self.last)
+
+        def record(module, args):
+            self.last = (module, args[0])
+
+        monkeypatch.setattr(cpu_prepack, "packed_twin", tagged_twin)
+        monkeypatch.setattr(cpu, "median_seconds", median_seconds)
+        self.hooks = [nn.modules.module.register_module_forward_pre_hook(record)]
+
+    def close(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _packed(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, (PackedConv2d, PackedLinear))]
+
+
+def _plain_packable(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if cpu_prepack.packable(m)]
+
+
+@needs_onednn
+def test_packing_is_kept_only_for_layer_classes_that_win_at_every_shape(tiny_checkpoint, tmp_path, monkeypatch):
+    # packed halves every layer's time, except convolutions on landscape inputs, where it doubles it (the cliff
+    # seen on an AVX2 machine): every convolution sees a landscape shape, so none may be packed
+    def cost(layer, x):
+        packed = isinstance(layer, (PackedConv2d, PackedLinear))
+        if packed and isinstance(layer, PackedConv2d) and x.shape[-1] > x.shape[-2]:
+            return 2.0
+        return 0.5 if packed else 1.0
+
+    timed = _Timed(monkeypatch, cost)
+    try:
+        pipe = _load(tiny_checkpoint, tmp_path, attention="torch")
+    finally:
+        timed.close()
+    model = pipe.model
+    packed = _packed(model)
+    assert packed, "linears win everywhere: they must be packed"
+    assert all(isinstance(model.get_submodule(name), PackedLinear) for name in packed)
+    per_step = ("model.diffusion_model.", "control_model.", "cond_stage_model.")
+    left_plain = _plain_packable(model)
+    # every linear the denoising step and the text encoder run is packed...
+    assert not [n for n in left_plain if n.startswith(per_step) and type(model.get_submodule(n)) in (nn.Linear, TokenProjection)
+                and not n.startswith("control_model.input_hint_block")]
+    # ...no spatial convolution is, and what the probe does not run (VAE decoder, hint encoder) stays plain
+    assert any(n.startswith("model.diffusion_model.input_blocks.1.0.in_layers") for n in left_plain)
+    assert any(n.startswith("first_stage_model.decoder") for n in left_plain)
+    assert any(n.startswith("control_model.input_hint_block") for n in left_plain)
+    assert "prepack" in pipe.backend.summary() and "measured" in pipe.backend.summary()
+
+
+@needs_onednn
+def test_measured_choices_are_cached_and_reused(tiny_checkpoint, tmp_path, monkeypatch):
+    first = _load(tiny_checkpoint, tmp_path)
+    assert len(list(tmp_path.glob("calibration-*.json"))) == 1
+
+    def measure_again(*args):
+        raise AssertionError("a cached choice was measured again")
+
+    monkeypatch.setattr(cpu.CpuBackend, "_measure", measure_again)
+    second = _load(tiny_checkpoint, tmp_path)
+    assert _packed(second.model) == _packed(first.model)
+    assert {type(m.attend) for m in second.model.modules() if isinstance(m, CrossAttention)} == \
+        {type(m.attend) for m in first.model.modules() if isinstance(m, CrossAttention)}
+    assert "cached" in second.backend.summary()
+
+
+@needs_onednn
+def test_no_cache_directory_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    _load(tiny_checkpoint, tmp_path, calibration_cache="")
+    assert not list(tmp_path.rglob("*.json"))
+
+
+@needs_onednn
+def test_forced_choices(tiny_checkpoint, tmp_path):
+    none = _load(tiny_checkpoint, tmp_path, prepack="none", attention="torch")
+    assert _packed(none.model) == []
+    assert all(m.attend is multihead_attention for m in none.model.modules() if isinstance(m, CrossAttention))
+    everything = _load(tiny_checkpoint, tmp_path, prepack="all", attention="torch")
+    per_step = ("model.diffusion_model.", "control_model.", "cond_stage_model.")
+    assert not [n for n in _plain_packable(everything.model) if n.startswith(per_step)
+                and not n.startswith("control_model.input_hint_block")]
+    with pytest.raises(ValueError, match="backend.attention"):
+        _load(tiny_checkpoint, tmp_path, attention="avx9000")
+    with pytest.raises(ValueError, match="backend.prepack"):
+        BackendOptions.from_mapping({"prepack": "sometimes"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        BackendOptions.from_mapping({"packing": "all"})
+
+
+class _FakeKernel:
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, q, k, v, heads):
+        return multihead_attention(q, k, v, heads)
+
+
+@pytest.mark.parametrize("kernel_seconds, expected", [(0.5, "kernel-fake"), (0.97, "torch"), (2.0, "torch")])
+def test_attention_kernel_is_kept_only_where_it_measured_faster(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                kernel_seconds, expected):
+    monkeypatch.setattr(cpu.cpu_attention, "variants", lambda dtype: ["fake"])
+    monkeypatch.setattr(cpu.cpu_attention, "load", lambda dtype, variant: _FakeKernel(f"kernel-{variant}"))
+    monkeypatch.setattr(cpu, "_attention_seconds",
+                        lambda attend, shapes, dtype: 1.0 if attend is multihead_attention else kernel_seconds)
+    pipe = _load(tiny_checkpoint, tmp_path, prepack="none")
+    attends = {m.attend.name if isinstance(m.attend, _FakeKernel) else "torch"
+               for m in pipe.model.modules() if isinstance(m, CrossAttention)}
+    assert attends == {expected}
+    assert f"attention {expected}" in pipe.backend.summary()
+
+
+def test_a_cpu_without_kernel_attends_with_torch(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu.cpu_attention, "variants", lambda dtype: [])
+    pipe = _load(tiny_checkpoint, tmp_path, prepack="none")
+    assert all(m.attend is multihead_attention for m in pipe.model.modules() if isinstance(m, CrossAttention))
+
+
+@pytest.mark.parametrize("device, native_bf16, expected", [
+    ("cpu", True, "bf16"), ("cpu", False, "fp32"), ("cuda", False, "fp16"), ("meta", True, "fp32"),
+])
+def test_precision_auto(monkeypatch, device, native_bf16, expected):
+    monkeypatch.setattr(pipeline_module, "has_native_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", torch.device(device)) == expected
+
+
+def test_explicit_bf16_without_native_bf16_warns_with_the_measured_cost(monkeypatch, caplog):
+    monkeypatch.setattr(pipeline_module, "has_native_bf16", lambda: False)
+    monkeypatch.setattr(pipeline_module, "slowdown_of_emulated_bf16", lambda: 27.0)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert "27x slower than fp32" in caplog.text
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+class _CountingBackend(Backend):
+    """The device contract, observed: the pipeline synchronises before reading a clock and decodes in batches."""
+
+    decode_batch = 2
+
+    def __init__(self, events: list):
+        super().__init__(torch.device("cpu"), torch.float32)
+        self.events = events
+
+    def synchronize(self) -> None:
+        self.events.append("sync")
+
+
+def test_clocks_read_after_a_synchronisation_and_decoding_is_batched(tiny_pipeline, house_image, monkeypatch):
+    events: list = []
+    monkeypatch.setattr(tiny_pipeline, "backend", _CountingBackend(events))
+    decode = tiny_pipeline._decode
+
+    def spy_decode(latents):
+        events.append(("decode", latents.shape[0]))
+        return decode(latents)
+
+    monkeypatch.setattr(tiny_pipeline, "_decode", spy_decode)
+    monkeypatch.setattr(pipeline_module.time, "perf_counter", lambda: events.append("clock") or 0.0)
+    prepared = tiny_pipeline.prepare(house_image, GenerationParams(prompt="a house", num_samples=3, ddim_steps=2,
+                                                                   image_resolution=64, seed=1))
+    result = tiny_pipeline.generate([prepared])
+    assert [e for e in events if isinstance(e, tuple)] == [("decode", 2), ("decode", 1)]
+    clocks = [i for i, e in enumerate(events) if e == "clock"]
+    # every phase's closing clock follows a synchronisation: text and sampling end with queued device work
+    assert events[clocks[1] - 1] == "sync" and events[clocks[3] - 1] == "sync"
+    assert len(result.images[0]) == 3 and all(image.dtype == np.uint8 for image in result.images[0])
+
+
+def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_pipeline):
+    sizes = [(32, 32), (32, 40), (32, 56), (40, 32)]
+    carried_layers, carried_attention = cpu._record_shapes(tiny_pipeline.model, tiny_pipeline._probe, sizes)
+    seen: dict = {}
+    seen_attention: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.setdefault(m, set()).add(tuple(args[0].shape)))
+             for m in carried_layers]
+    attentions = [m for m in tiny_pipeline.model.modules() if isinstance(m, CrossAttention)]
+    swapped = [(m, m.attend) for m in attentions]
+
+    def record(q, k, v, heads):
+        key = (tuple(q.shape), tuple(k.shape), heads)
+        seen_attention[key] = seen_attention.get(key, 0) + 1
+        return multihead_attention(q, k, v, heads)
+
+    for m in attentions:
+        m.attend = record
+    try:
+        with torch.inference_mode():
+            for size in sizes:
+                tiny_pipeline._probe(size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, attend in swapped:
+            m.attend = attend
+    assert seen == carried_layers
+    assert seen_attention == carried_attention
