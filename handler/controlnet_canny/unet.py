@@ -77,7 +77,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
-        self.attend = multihead_attention  # the pipeline may swap in a faster kernel (cpu_attention)
+        self.attend = multihead_attention  # a backend may swap in a kernel computing the same (backends.cpu)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -121,9 +121,7 @@ class BasicTransformerBlock(nn.Module):
 
 class TokenProjection(nn.Conv2d):
     """The transformer's 1x1 convolution (a Conv2d in the checkpoint, weight [C, C, 1, 1]) applied to tokens
-    [batch, tokens, C]: the linear it is, on the layout the transformer blocks work in. Measured against the
-    convolution on [batch, C, H, W] at 64x64 latents, 320 channels (2-core AVX-512): 3.6x faster in bf16,
-    2.5x in fp32, packed (prepack); 1.3-1.9x at the smaller levels."""
+    [batch, tokens, C]: the linear it is, on the layout the transformer blocks work in (no transposes around it)."""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, 1)

@@ -1,11 +1,10 @@
 """Convolution and linear weights laid out once, at load, in oneDNN's blocked format (CPU only).
 
-`F.conv2d` and `F.linear` on CPU take weights in the plain PyTorch layout, so oneDNN reorders every weight
-into its blocked layout on every call. At the UNet's deepest levels (1280 channels, a few latent pixels)
-that reorder costs more than the convolution itself: measured on a 2-core AVX-512 machine, a 3x3
-1280-channel conv at 4x4 runs 3.9x faster in fp32 (1.9x in bf16) with its weight packed once, and fp32
-linears 1.2-1.7x faster on oneDNN's packed GEMM than on the plain one. Same operations, same
-accumulation precision: results change only by float rounding (different blocking of the sums).
+`F.conv2d` and `F.linear` on CPU take weights in the plain PyTorch layout, so oneDNN may reorder a weight into
+its blocked layout on every call; at the UNet's deepest levels (1280 channels, a few latent pixels) that reorder
+can cost more than the convolution itself. Whether packing pays depends on the CPU and the input shape (on some
+it is slower), so `backends.cpu` packs only the layer classes where it measured faster (figures:
+docs/benchmarks.md). Same operations, same accumulation precision: results change only by float rounding.
 
 They are the oneDNN ops that torch.compile's weight-freezing passes use on CPU, called directly: the
 gain without a compile step at start-up.
