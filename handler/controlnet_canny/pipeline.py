@@ -71,8 +71,10 @@ class ControlNetCannyPipeline:
         self.model = model.eval()
         if prepack.supported(device, dtype):
             prepack.prepack(model)
-        if cpu_attention.supported(device, dtype):
-            cpu_attention.install(model, dtype)
+        if device.type == "cpu" and "avx512" in cpu_attention.variants(dtype):
+            kernel = cpu_attention.load(dtype, "avx512")
+            if kernel is not None:
+                cpu_attention.install(model, kernel)
         self.config = config
         self.device = device
         self.dtype = dtype
