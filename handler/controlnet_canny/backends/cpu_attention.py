@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 MAX_HEAD_DIM = 160
-# per variant: the CPU flags its library needs and the compiler flags that target exactly those, fastest first
+# per variant: the CPU flags its library needs and the compiler flags that target exactly those, widest first
 ISAS = {
     "avx512": ({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"},
                ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]),
@@ -60,7 +60,7 @@ def _cpu_flags() -> set[str]:
 
 
 def variants(dtype: torch.dtype) -> list[str]:
-    """The kernel variants this CPU can run for `dtype`, fastest instruction set first; [] where none."""
+    """The kernel variants this CPU can run for `dtype`, widest instruction set first; [] where none."""
     if dtype not in KERNELS:
         return []
     flags = _cpu_flags()
@@ -72,7 +72,6 @@ class CpuAttention:
 
     def __init__(self, library: ctypes.CDLL, dtype: torch.dtype, variant: str):
         self.dtype = dtype
-        self.variant = variant
         type_name = KERNELS[dtype][0]
         self.name = f"kernel-{variant}-{type_name}"
         self._kernel = getattr(library, f"attention_{type_name}")
