@@ -137,9 +137,7 @@ class CpuBackend(Backend):
             cpu_prepack.prepack(model, packed.__contains__)
         kernel = None if choice["attention"] == "torch" else self._kernel(choice["attention"])
         if kernel is not None:
-            for module in model.modules():
-                if isinstance(module, CrossAttention):
-                    module.attend = kernel
+            cpu_attention.install(model, kernel)
         self.choices = {
             "prepack": f"{len(choice['packed'])}/{len(packable)} layers ({choice['classes']})",
             "attention": kernel.name if kernel is not None else "torch",

@@ -1,13 +1,15 @@
-"""Multi-head attention on AVX-512 CPUs by a C kernel compiled at load (`cpu_attention.c`), bf16 and fp32.
+"""Multi-head attention on x86-64 CPUs by a C kernel compiled at load (`cpu_attention.c`), per instruction set.
 
-torch's CPU flash-attention kernel runs bf16 at its fp32 rate unless the CPU has AMX: measured on a
-2-core Zen 4 machine at 4096 tokens and head dim 40 (the 512x512 UNet's top level), 130 GFLOP/s against
-250 for this kernel's bf16, and attention was 40% of a 512x512 bf16 step; its fp32 runs 1.1-1.3x torch's.
-The kernel does the same arithmetic (see its header); results differ from torch's by rounding.
+Variants: "avx512" (fp32; bf16 where the CPU has AVX-512 BF16) and "avx2" (fp32, AVX2 + FMA). `variants(dtype)`
+lists those this CPU runs; the caller times them against torch's SDPA and installs the fastest.
 
-It is compiled with the machine's C compiler into a temporary directory that is removed once the library is
-loaded. Without a compiler, on another CPU, or for shapes it does not take (head dims over 160, odd ones
-in bf16), attention falls back to `unet.multihead_attention`.
+torch's CPU flash-attention kernel runs bf16 at its fp32 rate unless the CPU has AMX; this kernel multiplies
+bf16 pairs natively and tiles for the head dims the UNet has (figures: docs/benchmarks.md). It does the same
+arithmetic (see its header); results differ from torch's by rounding.
+
+Each variant is compiled with the machine's C compiler, with that instruction set's flags only, into a
+temporary directory that is removed once the library is loaded. Without a compiler, on another CPU, or for
+shapes it does not take (head dims over 160, odd ones in bf16), attention stays on `unet.multihead_attention`.
 """
 from __future__ import annotations
 
@@ -22,23 +24,33 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..unet import multihead_attention
+from ..unet import CrossAttention, multihead_attention
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 MAX_HEAD_DIM = 160
-AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
-# per dtype: the library's function and the CPU flags it needs
-KERNELS = {torch.bfloat16: ("attention_bf16", AVX512 | {"avx512_bf16"}), torch.float32: ("attention_fp32", AVX512)}
-COMPILE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                 "-mavx512vl"]
+# per variant: the CPU flags its library needs and the compiler flags that target exactly those, widest first
+ISAS = {
+    "avx512": ({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"},
+               ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]),
+    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+}
+# per dtype: its name in the library's functions (attention_<name>), and the variants that have one, each with
+# the CPU flags that function needs beyond its variant's
+KERNELS = {torch.float32: ("fp32", {"avx512": set(), "avx2": set()}),
+           torch.bfloat16: ("bf16", {"avx512": {"avx512_bf16"}})}
+COMPILE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 
 _Strides = ctypes.c_int64 * 2
 
 
 def _cpu_flags() -> set[str]:
+    """The x86-64 feature flags of this CPU, as Linux reports them; empty on other machines."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -47,10 +59,11 @@ def _cpu_flags() -> set[str]:
 
 
 def variants(dtype: torch.dtype) -> list[str]:
-    """The kernel builds this CPU runs for `dtype`."""
-    runs = (dtype in KERNELS and sys.platform == "linux" and platform.machine().lower() in ("x86_64", "amd64")
-            and KERNELS[dtype][1] <= _cpu_flags())
-    return ["avx512"] if runs else []
+    """The kernel variants this CPU can run for `dtype`, widest instruction set first; [] where none."""
+    if dtype not in KERNELS:
+        return []
+    flags = _cpu_flags()
+    return [variant for variant, extra in KERNELS[dtype][1].items() if ISAS[variant][0] | extra <= flags]
 
 
 class CpuAttention:
@@ -58,11 +71,15 @@ class CpuAttention:
 
     def __init__(self, library: ctypes.CDLL, dtype: torch.dtype, variant: str):
         self.dtype = dtype
-        self.name = f"kernel-{variant}-{str(dtype).removeprefix('torch.')}"
-        self._kernel = getattr(library, KERNELS[dtype][0])
+        type_name = KERNELS[dtype][0]
+        self.name = f"kernel-{variant}-{type_name}"
+        self._kernel = getattr(library, f"attention_{type_name}")
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [_Strides] * 4
                                  + [ctypes.c_float, ctypes.c_int])
+
+    def __repr__(self) -> str:
+        return self.name
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
         dim = q.shape[-1] // heads
@@ -87,19 +104,32 @@ class CpuAttention:
 
 
 def load(dtype: torch.dtype, variant: str) -> CpuAttention | None:
-    """The compiled kernel for `dtype`, or None (logged) where no C compiler builds it."""
+    """The compiled kernel `variant` for `dtype`, or None (logged) where this CPU cannot run it or no C
+    compiler builds it."""
+    if variant not in variants(dtype):
+        log.warning("attention kernel %s for %s: not for this CPU", variant, dtype)
+        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler: attention stays on torch's kernel")
         return None
     with tempfile.TemporaryDirectory(prefix="cpu-attention-") as build:
-        library_path = Path(build) / "cpu_attention.so"
+        library_path = Path(build) / f"cpu_attention_{variant}.so"
         try:
-            subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(library_path), str(SOURCE)],
+            subprocess.run([compiler, *COMPILE_FLAGS, *ISAS[variant][1], "-o", str(library_path), str(SOURCE)],
                            check=True, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", None) or error
-            log.warning("attention kernel did not compile (%s): staying on torch's kernel", str(detail).strip()[-500:])
+            log.warning("attention kernel %s did not compile (%s): staying on torch's kernel", variant,
+                        str(detail).strip()[-500:])
             return None
         # The loaded library stays mapped after its file is removed with the directory.
         return CpuAttention(ctypes.CDLL(str(library_path)), dtype, variant)
+
+
+def install(model: nn.Module, kernel: CpuAttention) -> None:
+    """Every CrossAttention of `model` attends with `kernel` (shapes it does not take still go to torch)."""
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.attend = kernel
+    log.info("attention: %s", kernel.name)
