@@ -193,3 +193,12 @@ def test_without_the_kernel_attention_is_torchs(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("CC", "false")
     pipeline = ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, device="cpu", precision="fp32")
     assert _attention_kernels(pipeline) == {multihead_attention}
+
+
+def test_variants_stay_within_the_instruction_sets_torch_runs_with(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: CPU_CLASSES["zen4"][0])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_attention.variants(torch.float32) == ["avx2"]
+    assert cpu_attention.variants(torch.bfloat16) == []
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert cpu_attention.variants(torch.float32) == []

@@ -82,10 +82,13 @@ def _layer_class(module: nn.Module) -> str:
 
 
 class CalibrationCache:
-    """Measured choices in one JSON file per machine, torch version, thread count and dtype."""
+    """Measured choices in one JSON file per machine (and the instruction sets torch and oneDNN are allowed),
+    torch version, thread count and dtype."""
 
     def __init__(self, directory: Path | None, dtype: torch.dtype):
-        identity = json.dumps([cpu_model(), sorted(cpu_flags()), torch.__version__, torch.get_num_threads(), str(dtype)])
+        identity = json.dumps([cpu_model(), sorted(cpu_flags()), torch.backends.cpu.get_cpu_capability(),
+                               os.environ.get("ONEDNN_MAX_CPU_ISA", ""), torch.__version__, torch.get_num_threads(),
+                               str(dtype)])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         self.path = None if directory is None else directory / f"calibration-{digest}.json"
         self.entries: dict[str, dict] = {}

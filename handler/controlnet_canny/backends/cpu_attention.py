@@ -63,7 +63,15 @@ def variants(dtype: torch.dtype) -> list[str]:
     if dtype not in KERNELS:
         return []
     flags = _cpu_flags()
-    return [variant for variant, extra in KERNELS[dtype][1].items() if ISAS[variant][0] | extra <= flags]
+    return [variant for variant, extra in KERNELS[dtype][1].items()
+            if ISAS[variant][0] | extra <= flags and variant in _allowed_by_torch()]
+
+
+def _allowed_by_torch() -> set[str]:
+    """The variants within the instruction sets torch itself runs with: an operator who lowers them
+    (ATEN_CPU_CAPABILITY=avx2, say) lowers the kernel's too."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"avx512", "avx2"} if "AVX512" in capability else {"avx2"} if "AVX2" in capability else set()
 
 
 class CpuAttention:
