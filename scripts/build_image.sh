@@ -20,11 +20,11 @@ SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org}
 PYTHON=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}
 
-for tool in podman mmdebstrap; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing: apt-get install -y $tool" >&2; exit 1; }
-done
+need() { command -v "$1" >/dev/null || { echo "$1 is missing: apt-get install -y $1" >&2; exit 1; }; }
+need podman
 
 if [[ $BASE_IMAGE == localhost/* ]] && ! podman image exists "$BASE_IMAGE"; then
+  need mmdebstrap
   echo "Making $BASE_IMAGE with mmdebstrap ($SUITE from $MIRROR) ..."
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
@@ -74,7 +74,12 @@ EOF
 )
 
 echo "Building $IMAGE on $BASE_IMAGE (pip: ${PIP_ARGS[*]}) ..."
+PREVIOUS=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 # shellcheck disable=SC2086  # BUILD_ARGS is a list of arguments
 podman build --isolation chroot --format docker --build-arg "BASE_IMAGE=$BASE_IMAGE" "${PIP_ARGS[@]}" \
   ${BUILD_ARGS:-} --tag "$IMAGE" "$ROOT"
+# The image this one replaces holds gigabytes of its own layers; it stays while a container uses it.
+if [ -n "$PREVIOUS" ] && [ "$PREVIOUS" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+  podman rmi "$PREVIOUS" >/dev/null 2>&1 || true
+fi
 podman image ls "$IMAGE"
