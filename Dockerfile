@@ -1,43 +1,67 @@
 # ControlNet canny on TorchServe, serving the embedded tiny model (mount a model store for real weights).
 #
-#   docker build -t controlnet-canny .                                  # CPU
-#   docker build -t controlnet-canny --build-arg TORCH_VARIANT=cu128 .  # CUDA (run with --gpus all)
-#   docker run --rm -p 127.0.0.1:8080-8082:8080-8082 controlnet-canny
+#   docker build -t controlnet-canny:0.1.0 .                                  # CPU
+#   docker build -t controlnet-canny:0.1.0 --build-arg TORCH_VARIANT=cu128 .  # CUDA (run with --gpus all)
+#   docker run --rm -p 127.0.0.1:8080-8082:8080-8082 controlnet-canny:0.1.0
 #
-# The API keys are in /app/artifacts/serve/key_file.json inside the container (docker exec ... cat it).
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-FROM ${PYTHON_IMAGE}
+# Without a reachable image registry, `make image` makes the base with mmdebstrap and builds with podman
+# (docs/serving.md, "Container"). The API keys are in /app/artifacts/serve/key_file.json inside the container.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# Which PyTorch wheel index torch comes from: cpu, or a CUDA variant such as cu128 (the CUDA runtime
-# ships inside those wheels; the host needs only the driver and the NVIDIA container toolkit).
+# The build stage: the virtual environment, the tiny checkpoint and the model directory (`make mar`, the set-up
+# of `make serve`), with make and pip's settings that the runtime image does not keep.
+FROM ${BASE_IMAGE} AS build
+# Where pip finds packages. By default torch comes from PyTorch's index for TORCH_VARIANT (cpu, or a CUDA
+# variant such as cu128 whose wheels carry the CUDA runtime: the host needs only the driver and the NVIDIA
+# container toolkit) and the rest from PyPI; `make image` passes the build machine's own pip settings.
 ARG TORCH_VARIANT=cpu
-ENV PIP_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT} \
-    PIP_EXTRA_INDEX_URL=https://pypi.org/simple \
-    PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-
-# Java runs TorchServe's frontend; make runs the same set-up as `make serve` outside a container; a worker
-# serving bf16 on an AVX-512 BF16 CPU compiles its attention kernel with gcc at load (backends/cpu_attention.c).
+ARG PIP_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ARG PIP_EXTRA_INDEX_URL=https://pypi.org/simple
+ARG PIP_FIND_LINKS
+ARG PIP_CONSTRAINT
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 # Debian's security updates move these versions, so they are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless make gcc libc6-dev \
+    && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
-
-RUN useradd --create-home --uid 10001 serve
 WORKDIR /app
-COPY --chown=serve:serve . .
-USER serve
-
-# `make mar`: the virtual environment, the tiny checkpoint and the model directory in model_store/.
+# The requirements first, in a layer of their own that code changes do not invalidate (`make mar` finds them
+# installed).
+COPY requirements.txt .
+RUN python3 -m venv .venv && .venv/bin/python -m pip install -r requirements.txt
+COPY . .
 # Published ports need TorchServe listening on the container's interfaces, not its loopback; publish them on
 # the host's loopback (as above) or behind a TLS proxy. gRPC stays on the container's loopback.
 RUN make mar \
-    && sed 's#=http://127.0.0.1:#=http://0.0.0.0:#' config.properties > artifacts/container.properties
-ENV TS_CONFIG=/app/artifacts/container.properties
+    && sed 's#=http://127.0.0.1:#=http://0.0.0.0:#' config.properties > artifacts/container.properties \
+    && rm -rf artifacts/tiny
+
+# The runtime: Java for TorchServe's frontend, gcc because a worker compiles its attention kernel for the
+# machine's CPU when it loads the model (handler/controlnet_canny/backends/cpu_attention.c). The application,
+# its environment and the model directory belong to root: the server's user reads them and writes only to
+# TorchServe's working directory (keys, logs) and to /tmp.
+FROM ${BASE_IMAGE}
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
+    && useradd --uid 10001 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin serve
+COPY --from=build /app /app
+RUN install -d -o serve -g serve -m 700 /app/artifacts/serve
+WORKDIR /app
+USER 10001:10001
+ENV TS_CONFIG=/app/artifacts/container.properties \
+    TMPDIR=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
 
 EXPOSE 8080 8081 8082
-HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
-    CMD [".venv/bin/python", "scripts/client.py", "ping"]
+# Healthy once a worker of the model is READY (scripts/ready.py: the management API's describe, with the
+# management key); TorchServe's /ping answers 200 while the model is still loading. The start period covers
+# the real checkpoint's load from a cold disk (model-config.yaml's startupTimeout).
+HEALTHCHECK --interval=10s --timeout=10s --start-period=900s --retries=3 \
+    CMD [".venv/bin/python", "scripts/ready.py"]
 CMD ["scripts/serve.sh", "foreground"]

@@ -67,3 +67,9 @@ load: $(VENV)/.installed $(TINY)
 
 soak: $(VENV)/.installed $(TINY)
 	$(PY) scripts/soak.py --out artifacts/reliability/soak.json
+
+# The container image, built with podman on a Debian base that mmdebstrap makes (no image registry needed) and pip
+# set up as this machine's: scripts/build_image.sh (IMAGE, BASE_IMAGE, BUILD_ARGS pass through). docs/serving.md.
+.PHONY: image
+image:
+	scripts/build_image.sh

@@ -80,7 +80,9 @@ class ServingConfig:
     def worker_threads(self, max_workers: int) -> int:
         if self.threads:
             return self.threads
-        return max(1, len(os.sched_getaffinity(0)) // max(1, max_workers))
+        # CONTROLNET_CPUS: the cores this server may use where the affinity shows more (a pod's CPU request)
+        cores = int(os.environ.get("CONTROLNET_CPUS") or len(os.sched_getaffinity(0)))
+        return max(1, cores // max(1, max_workers))
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ case "${1:-start}" in
         echo "TorchServe exited; see $LOG_LOCATION/ts_log.log" >&2
         exit 1
       fi
-      if "$BIN/python" "$ROOT/scripts/client.py" --management-url "$(setting management_address)" \
-          --key-file "$RUN_DIR/key_file.json" ready 2>/dev/null; then
+      # Ready once a worker of the model is READY (TorchServe's /ping answers 200 while the model still loads).
+      if "$BIN/python" "$ROOT/scripts/ready.py" --config "$CONFIG" --key-file "$RUN_DIR/key_file.json" 2>/dev/null; then
         cat <<EOF
 
 TorchServe is serving "controlnet" at $INFERENCE_URL (management $(setting management_address), metrics $(setting metrics_address)).

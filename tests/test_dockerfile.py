@@ -26,22 +26,53 @@ def test_hadolint_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_cpu_by_default_cuda_by_build_argument():
-    assert "TORCH_VARIANT=cpu" in instructions("ARG")
-    assert any("download.pytorch.org/whl/${TORCH_VARIANT}" in env for env in instructions("ENV"))
+def stages() -> list[str]:
+    """The text of each build stage, FROM line first."""
+    return ["FROM" + part for part in re.split(r"^FROM", DOCKERFILE, flags=re.M)[1:]]
+
+
+def test_base_is_a_build_argument_with_a_public_default():
+    assert "BASE_IMAGE=python:3.11-slim-bookworm" in instructions("ARG")
+    assert [stage.splitlines()[0] for stage in stages()] == ["FROM ${BASE_IMAGE} AS build", "FROM ${BASE_IMAGE}"]
+
+
+def test_cpu_by_default_cuda_by_build_argument_pip_settings_only_while_building():
+    build, runtime = stages()
+    assert "ARG TORCH_VARIANT=cpu" in build
+    assert "ARG PIP_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}" in build
+    # pip's settings are build arguments of the build stage (scripts/build_image.sh passes the machine's own)
+    for setting in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_CERT"):
+        assert re.search(rf"^ARG {setting}\b", build, re.M), setting
+    assert "--build-arg=PIP_{key.upper()" in (ROOT / "scripts" / "build_image.sh").read_text()
+    assert "PIP_" not in runtime and "ARG" not in runtime
 
 
 def test_installs_with_the_makefile_and_runs_as_a_user():
+    build, runtime = stages()
     assert any(run.startswith("make mar") for run in instructions("RUN"))  # the set-up `make serve` runs
+    assert "make mar" in build and "make" not in re.sub(r"#.*", "", runtime).replace("make mar", "")
     users = instructions("USER")
-    assert users and users[-1] not in ("root", "0")
+    assert len(users) == 1 and users[0].split(":")[0] not in ("root", "0")
+    assert "USER" in runtime  # root owns what the build stage made; the user only runs it
+    assert instructions("COPY")[-1] == "--from=build /app /app"
     assert instructions("CMD") == ['["scripts/serve.sh", "foreground"]']
+
+
+def test_runtime_has_no_build_tools_but_the_kernel_compiler():
+    runtime = re.sub(r"\\\n\s*", " ", stages()[1])
+    [install] = re.findall(r"^RUN .*apt-get install.*$", runtime, re.M)
+    packages = set(re.search(r"--no-install-recommends ([^&]+)", install)[1].split())
+    assert packages == {"openjdk-17-jre-headless", "gcc", "libc6-dev"}  # gcc: backends/cpu_attention.c at load
+    assert "rm -rf /var/lib/apt/lists/*" in install
 
 
 def test_ports_and_healthcheck():
     assert instructions("EXPOSE") == ["8080 8081 8082"]
     [healthcheck] = instructions("HEALTHCHECK")
-    assert "scripts/client.py" in healthcheck and '"ping"' in healthcheck  # /ping, with the inference key
+    assert 'CMD [".venv/bin/python", "scripts/ready.py"]' in healthcheck  # a READY worker, not /ping
+    start_period = int(re.search(r"--start-period=(\d+)s", healthcheck)[1])
+    model_config = (ROOT / "handler" / "model-config.yaml").read_text()
+    assert start_period >= int(re.search(r"^startupTimeout: (\d+)", model_config, re.M)[1])
 
 
 def test_container_config_listens_beyond_loopback_only_for_http():

@@ -1,8 +1,9 @@
 """The Kubernetes manifests in k8s/: valid against the API schemas (kubernetes-validate, offline, strict: no
 unknown fields) of the oldest and newest Kubernetes versions we claim, and consistent with each other and
-with the server (probes on /ping, ports, labels, the config's settings)."""
+with the server and the image (readiness on a READY worker, ports, labels, user, threads, the config's settings)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -39,13 +40,19 @@ def _pod():
     return deployment, deployment["spec"]["template"]
 
 
-def test_probes_ping_the_inference_port():
+def test_ready_means_a_worker_is_ready_and_alive_means_torchserve_answers():
     _, template = _pod()
     (container,) = template["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8080, "metrics": 8082}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/ping", "port": "http"}, probe
+    for probe in ("startupProbe", "readinessProbe"):  # scripts/ready.py: a READY worker in the management API
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == [".venv/bin/python", "scripts/ready.py"], probe
+        assert float(command[command.index("--timeout") + 1]) < container[probe]["timeoutSeconds"], probe
+    assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
+    # ready.py asks the management API without a key: it must be on the pod's loopback with token auth off
+    pod_config = load("configmap.yaml")["data"]["config.properties"]
+    assert "disable_token_authorization=true" in pod_config and "management_address=http://127.0.0.1:" in pod_config
     # liveness must not fire before TorchServe itself gives up on a worker (maxRetryTimeoutInSec)
     model_config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
     liveness = container["livenessProbe"]
@@ -53,6 +60,37 @@ def test_probes_ping_the_inference_port():
     assert model_config["maxRetryTimeoutInSec"] >= 60
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= model_config["startupTimeout"]
+
+
+def test_threads_follow_the_cpu_request_and_the_hpa_target_is_below_a_busy_pod(monkeypatch):
+    from serving import ServingConfig
+
+    _, template = _pod()
+    (container,) = template["spec"]["containers"]
+    [cpus] = [e for e in container["env"] if e["name"] == "CONTROLNET_CPUS"]
+    assert cpus["valueFrom"]["resourceFieldRef"] == {"containerName": container["name"], "resource": "requests.cpu",
+                                                     "divisor": "1"}
+    assert "cpu" not in container["resources"].get("limits", {})  # no CFS throttling of the worker's threads
+    config = ServingConfig.from_mapping({"checkpoints": ["x.pth"], "model_config": "x.yaml"})
+    monkeypatch.setenv("CONTROLNET_CPUS", container["resources"]["requests"]["cpu"])
+    assert config.worker_threads(1) == int(container["resources"]["requests"]["cpu"])
+    assert config.worker_threads(2) == int(container["resources"]["requests"]["cpu"]) // 2
+    # a busy pod uses about its request (100%); the target must leave room before requests queue
+    [metric] = load("hpa.yaml")["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and 40 <= metric["resource"]["target"]["averageUtilization"] <= 70
+
+
+def test_pod_runs_the_image_that_make_image_builds():
+    _, template = _pod()
+    (container,) = template["spec"]["containers"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert container["image"] == f"controlnet-canny:{version}"
+    assert f"IMAGE:-{container['image']}" in (ROOT / "scripts" / "build_image.sh").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert (template["spec"]["securityContext"]["runAsUser"], template["spec"]["securityContext"]["runAsGroup"]) == (
+        int(user[1]), int(user[2]))
+    assert re.search(r"^EXPOSE 8080 8081 8082$", dockerfile, re.M)
 
 
 def test_pod_is_locked_down():
@@ -64,7 +102,7 @@ def test_pod_is_locked_down():
                                             "capabilities": {"drop": ["ALL"]}}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/tmp", "/app/artifacts/serve", "/etc/torchserve"} <= mounts  # the only writable places + the config
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TS_CONFIG"] == "/etc/torchserve/config.properties"
     assert container["args"] == ["scripts/serve.sh", "foreground"]  # forwards SIGTERM to TorchServe
 
