@@ -53,8 +53,11 @@ COPY --from=build /app /app
 RUN install -d -o serve -g serve -m 700 /app/artifacts/serve
 WORKDIR /app
 USER 10001:10001
+# XDG_CACHE_HOME: the CPU backend's measured choices (backends/cpu.py); mount a volume there to keep them
+# across restarts, else a new container measures again when its worker loads.
 ENV TS_CONFIG=/app/artifacts/container.properties \
     TMPDIR=/tmp \
+    XDG_CACHE_HOME=/tmp/cache \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
