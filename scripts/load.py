@@ -35,7 +35,6 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "handler"))
 
 from controlnet_canny.bundle import read_png_parameters  # noqa: E402
