@@ -21,7 +21,7 @@ import numpy as np
 from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, check_cost, parse_params
 from controlnet_canny.pipeline import PRECISIONS, Prepared
-from controlnet_canny.preprocess import decode_image, output_size
+from controlnet_canny.preprocess import checked_output_size, decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
 TRANSPORT_FIELDS = ("image", "output", "stream", "mode")
@@ -234,7 +234,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     if output == "png" and not one_image:
         raise ParamError("output", f"png holds one image but num_samples is {params.num_samples}; use zip or json")
     if mode == "generate":
-        height, width = output_size(*image.shape[:2], params.image_resolution)
+        height, width = checked_output_size(*image.shape[:2], params.image_resolution)
         check_cost(params, height, width, config.limits)
     return ServingRequest(params, image, output, stream, mode)
 

@@ -15,7 +15,7 @@ MAX_ASPECT = 4  # bounds the generated size whatever the input shape
 # A progressive JPEG decodes scan by scan, each a pass over the whole image, so a small file repeating scans holds
 # the worker for minutes. Encoders write at most about 10 per image (libjpeg's progression), plus a thumbnail's.
 MAX_JPEG_SCANS = 32
-COMPOSITE_ROWS = 256  # alpha is composited this many rows at a time: float32 temporaries stay small
+COMPOSITE_PIXELS = 2**16  # alpha is composited in bands of about this many pixels: float32 temporaries stay small
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
@@ -67,8 +67,9 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA")
     width, height = image.size
     rgb = np.empty((height, width, 3), np.uint8)
-    for top in range(0, height, COMPOSITE_ROWS):
-        band = np.asarray(image.crop((0, top, width, min(height, top + COMPOSITE_ROWS)))).astype(np.float32)
+    rows = max(1, COMPOSITE_PIXELS // width)
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(height, top + rows)))).astype(np.float32)
         alpha = band[:, :, 3:4] / 255.0
         rgb[top:top + len(band)] = (band[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
     return rgb
@@ -80,11 +81,17 @@ def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
 
 
-def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
-    height, width = image.shape[:2]
+def checked_output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """output_size, refused beyond MAX_ASPECT."""
     new_height, new_width = output_size(height, width, resolution)
     if max(new_height, new_width) > MAX_ASPECT * resolution:
         raise ParamError("image", f"aspect ratio {width}:{height} is beyond {MAX_ASPECT}:1")
+    return new_height, new_width
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    new_height, new_width = checked_output_size(height, width, resolution)
     k = float(resolution) / min(height, width)
     interpolation = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
