@@ -14,6 +14,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 
 import numpy as np
@@ -138,6 +140,8 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             raise ParamError("body", f"must be a JSON object, got {type(body).__name__}")
         return dict(body)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if set(row) == {"body"} and content_type == "multipart/form-data":
+            row = _multipart_fields(row["body"], _header(headers, "content-type"))
         if set(row) == {"body"}:  # TorchServe found no form fields and handed the raw body over
             raise ParamError("body", f"is not a {content_type} body with fields (is the multipart boundary missing?)")
         fields = {name: _form_text(name, value) for name, value in row.items() if name != "image"}
@@ -146,6 +150,25 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             fields["image"] = image.encode("utf-8", "surrogatepass") if isinstance(image, str) else image
         return fields
     raise ParamError("Content-Type", f"must be multipart/form-data or application/json, got {_echo(content_type) or 'none'!r}")
+
+
+def _multipart_fields(body: Any, content_type: str) -> dict[str, Any]:
+    """A multipart body TorchServe left undecoded (its frontend decodes only a lower-case multipart/form-data),
+    one entry per named part; {"body": body} when it holds none."""
+    if not isinstance(body, (bytes, bytearray)):
+        return {"body": body}
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + bytes(body))
+    parts = list(message.iter_parts()) if message.is_multipart() else []
+    if not parts:
+        return {"body": body}
+    fields = {}
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise ParamError("body", "has a multipart part without a name")
+        fields[name] = part.get_payload(decode=True) or b""
+    return fields
 
 
 def _image_bytes(value: Any, max_bytes: int) -> bytes:

@@ -150,8 +150,13 @@ CORPUS = [
      200, None),
     ("JSON media type in capitals, syntax error", {"data": b"{", "headers": {"Content-Type": "APPLICATION/json"}}, 400,
      "body"),
-    # TorchServe's frontend decodes only a lower-case multipart/form-data: others reach the handler undecoded
-    ("multipart media type in capitals", {**form({"mode": "edges"}), "headers": {"Content-Type": None}}, 400, "body"),
+    # TorchServe's frontend decodes only a lower-case multipart/form-data: the handler decodes other spellings
+    ("multipart media type in capitals", {**form({"mode": "edges"}), "headers": {"Content-Type": None}}, 200, None),
+    ("multipart in capitals, a part without a name", {"data": b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n',
+                                                      "headers": {"Content-Type": "MULTIPART/form-data; boundary=b"}},
+     400, "body"),
+    ("multipart in capitals, no parts", {"data": b"--b--\r\n", "headers": {"Content-Type": "Multipart/Form-Data; boundary=b"}},
+     400, "body"),
     ("Accept: text/html only", {**form(), "headers": {"Accept": "text/html"}}, 406, "Accept"),
     ("Accept: everything at q=0", {**form(), "headers": {"Accept": "*/*;q=0"}}, 406, "Accept"),
     ("JSON array body", as_json([1, 2]), 400, "body"),
