@@ -522,6 +522,13 @@ def test_cost_cap_is_configurable():
     assert edges.mode == "edges"  # no diffusion, no cost
 
 
+@pytest.mark.parametrize("value", ["many", 0, -5, 1.5, True, [1, 2]])
+def test_cost_cap_configuration_is_checked_at_load(value):
+    for name in ("work", "output_pixels"):
+        with pytest.raises(ValueError, match=f"limits.{name} must be a positive integer"):
+            serving.ServingConfig.from_mapping({**CONFIG_MAPPING, "limits": {name: value}})
+
+
 @pytest.mark.parametrize("size", [99_998, 99_999, 100_000])
 def test_base64_size_check_counts_no_padding(size):
     """An image of exactly the cap passes in JSON as in a form, whatever its length modulo 3 (padding)."""

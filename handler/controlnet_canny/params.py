@@ -74,6 +74,9 @@ class Limits:
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"unknown limits: {sorted(unknown)}; known: {sorted(known)}")
+        for name in set(overrides) & set(_SCALAR_LIMITS):
+            if isinstance(overrides[name], bool) or not isinstance(overrides[name], int) or overrides[name] < 1:
+                raise ValueError(f"limits.{name} must be a positive integer, got {overrides[name]!r}")
         return replace(cls(), **{k: v if k in _SCALAR_LIMITS else tuple(v) for k, v in overrides.items()})
 
 
