@@ -39,7 +39,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
                 if scans > MAX_JPEG_SCANS:
                     raise ParamError(field, f"is a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} allowed")
             image.load()
-            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, EXIF says how to turn
+            ImageOps.exif_transpose(image, in_place=True)  # phone photos: stored sideways, EXIF says how to turn
             return to_rgb(image)  # inside: a malformed palette or transparency fails only at conversion
     except ParamError:
         raise
