@@ -177,7 +177,8 @@ def _image_bytes(value: Any, max_bytes: int) -> bytes:
         return bytes(value)
     if not isinstance(value, str):
         raise ParamError("image", f"must be base64 text in JSON, got {type(value).__name__}")
-    size = len(value) * 3 // 4 - min(2, len(value) - len(value.rstrip("=")))  # refused before decoding
+    # refused before decoding, by the exact decoded size: 3 bytes per 4 characters, less the padding
+    size = len(value) * 3 // 4 - min(2, len(value) - len(value.rstrip("=")))
     if size > max_bytes:
         raise ParamError("image", f"is {size} bytes; at most {max_bytes} allowed")
     try:
@@ -320,7 +321,7 @@ def error_response(status: int, error: str, field_name: str | None) -> Response:
 
 
 def param_error_response(err: ParamError) -> Response:
-    return error_response(getattr(err, "status", 400), str(err), err.field)
+    return error_response(err.status, str(err), err.field)
 
 
 def progress_event(done: int, total: int) -> bytes:

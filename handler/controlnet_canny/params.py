@@ -16,6 +16,7 @@ MAX_SEED = 2**31 - 1
 
 class ParamError(ValueError):
     """A client mistake in one field; `field` names it, the message says the allowed values."""
+    status = 400  # the HTTP status it gets when served
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
