@@ -14,15 +14,17 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 
 import numpy as np
 
 from controlnet_canny.bundle import encode_png, make_bundle
-from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, parse_params
 from controlnet_canny.backends import BackendOptions
+from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, check_cost, parse_params
 from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared
-from controlnet_canny.preprocess import decode_image
+from controlnet_canny.preprocess import checked_output_size, decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
 TRANSPORT_FIELDS = ("image", "output", "stream", "mode")
@@ -30,6 +32,12 @@ MODES = ("generate", "edges")
 OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
 STREAM_TYPE = "application/x-ndjson"
 DEFAULT_OUTPUT = "zip"
+ECHO_CHARS = 40  # how much of a client's value or name an error message repeats
+
+
+class NotAcceptable(ParamError):
+    """No response format the client accepts (406)."""
+    status = 406
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,11 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _echo(text: str) -> str:
+    """A client's text as an error message repeats it: cut, so that a 1 MB field name is not sent back."""
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+
+
 def _header(headers: Mapping[str, Any], name: str) -> str:
     """Header lookup by case-insensitive name; TorchServe passes the names as the client spelled them."""
     for key, value in headers.items():
@@ -121,16 +134,22 @@ def _form_text(name: str, value: Any) -> Any:
 
 def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, Any]:
     """The client's fields, whatever the encoding. TorchServe hands a JSON body over as {"body": parsed} (the raw
-    bytes when it is not valid JSON) and a form as one entry per part (bytes)."""
+    bytes when it is not valid JSON) and a form as one entry per part (bytes). Media types are case-insensitive
+    (RFC 9110); TorchServe parses only an exact `application/json`, so other spellings are parsed here."""
     content_type = _header(headers, "content-type").split(";")[0].strip().lower()
     if content_type == "application/json":
         body = row.get("body", {})
         if isinstance(body, (bytes, bytearray)):
-            raise ParamError("body", "is not valid JSON")
+            try:
+                body = json.loads(bytes(body).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                raise ParamError("body", "is not valid JSON") from None
         if not isinstance(body, dict):
             raise ParamError("body", f"must be a JSON object, got {type(body).__name__}")
         return dict(body)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if set(row) == {"body"} and content_type == "multipart/form-data":
+            row = _multipart_fields(row["body"], _header(headers, "content-type"))
         if set(row) == {"body"}:  # TorchServe found no form fields and handed the raw body over
             raise ParamError("body", f"is not a {content_type} body with fields (is the multipart boundary missing?)")
         fields = {name: _form_text(name, value) for name, value in row.items() if name != "image"}
@@ -138,7 +157,26 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             image = row["image"]
             fields["image"] = image.encode("utf-8", "surrogatepass") if isinstance(image, str) else image
         return fields
-    raise ParamError("Content-Type", f"must be multipart/form-data or application/json, got {content_type or 'none'!r}")
+    raise ParamError("Content-Type", f"must be multipart/form-data or application/json, got {_echo(content_type) or 'none'!r}")
+
+
+def _multipart_fields(body: Any, content_type: str) -> dict[str, Any]:
+    """A multipart body TorchServe left undecoded (its frontend decodes only a lower-case multipart/form-data),
+    one entry per named part; {"body": body} when it holds none."""
+    if not isinstance(body, (bytes, bytearray)):
+        return {"body": body}
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + bytes(body))
+    parts = list(message.iter_parts()) if message.is_multipart() else []
+    if not parts:
+        return {"body": body}
+    fields = {}
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise ParamError("body", "has a multipart part without a name")
+        fields[name] = part.get_payload(decode=True) or b""
+    return fields
 
 
 def _image_bytes(value: Any, max_bytes: int) -> bytes:
@@ -147,22 +185,56 @@ def _image_bytes(value: Any, max_bytes: int) -> bytes:
         return bytes(value)
     if not isinstance(value, str):
         raise ParamError("image", f"must be base64 text in JSON, got {type(value).__name__}")
-    if len(value) * 3 // 4 > max_bytes:  # refuse before decoding: the decoded size is 3/4 of the text
-        raise ParamError("image", f"is about {len(value) * 3 // 4} bytes; at most {max_bytes} allowed")
+    # refused before decoding, by the exact decoded size: 3 bytes per 4 characters, less the padding
+    size = len(value) * 3 // 4 - min(2, len(value) - len(value.rstrip("=")))
+    if size > max_bytes:
+        raise ParamError("image", f"is {size} bytes; at most {max_bytes} allowed")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ParamError("image", "is not valid base64") from None
 
 
-def _output_from_accept(accept: str) -> str:
-    """The first media type of the Accept header that we produce; */*, none or anything else: the default."""
-    by_type = {media: name for name, media in OUTPUT_TYPES.items()}
+def _accept_ranges(accept: str) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header with their q-values, in the client's order; malformed entries skipped."""
+    ranges = []
     for entry in accept.split(","):
-        media = entry.split(";")[0].strip().lower()
-        if media in by_type:
-            return by_type[media]
-    return DEFAULT_OUTPUT
+        media, *parameters = (part.strip() for part in entry.split(";"))
+        if media.count("/") != 1:
+            continue
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = -1.0
+        if 0.0 <= quality <= 1.0:
+            ranges.append((media.lower(), quality))
+    return ranges
+
+
+def _output_from_accept(accept: str, formats: Sequence[str]) -> str:
+    """The format of `formats` (in the server's order of preference) that the Accept header rates highest: each
+    format takes the q of the most specific range matching it; ties go to the range the client listed first.
+    No Accept (or none that parses): the default; nothing acceptable: NotAcceptable."""
+    ranges = _accept_ranges(accept)
+    if not ranges:
+        return DEFAULT_OUTPUT
+    best = None
+    for preference, name in enumerate(formats):
+        media = OUTPUT_TYPES[name]
+        matches = [(media_range.count("*"), index, quality) for index, (media_range, quality) in enumerate(ranges)
+                   if media_range in (media, media.split("/")[0] + "/*", "*/*")]
+        if matches:
+            _, index, quality = min(matches)  # the most specific range decides
+            if quality > 0 and (best is None or (-quality, index, preference) < best[0]):
+                best = ((-quality, index, preference), name)
+    if best is None:
+        offered = ", ".join(OUTPUT_TYPES[name] for name in formats)
+        raise NotAcceptable("Accept", f"none of {offered} is acceptable, got {_echo(accept)!r}")
+    return best[1]
 
 
 def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: ServingConfig) -> ServingRequest:
@@ -170,7 +242,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     raw = request_fields(row, headers)
     unknown = sorted(set(raw) - set(GENERATION_FIELDS) - set(TRANSPORT_FIELDS))
     if unknown:
-        raise ParamError(unknown[0], f"unknown field; known fields: {', '.join(TRANSPORT_FIELDS + GENERATION_FIELDS)}")
+        raise ParamError(_echo(unknown[0]), f"unknown field; known fields: {', '.join(TRANSPORT_FIELDS + GENERATION_FIELDS)}")
     mode = raw.pop("mode", "generate")
     if mode not in MODES:
         raise ParamError("mode", f"must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
@@ -182,15 +254,20 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
         if output not in (None, "json"):
             raise ParamError("stream", "a stream ends with the JSON result; use output=json or leave output unset")
         output = "json"
-    output = output or _output_from_accept(_header(headers, "accept"))
     if "image" not in raw:
         raise ParamError("image", "is required: a PNG, JPEG or WebP file part, or base64 text in JSON")
     image = decode_image(_image_bytes(raw.pop("image"), config.max_image_bytes), config.max_image_bytes, config.max_image_pixels)
     if mode == "edges":
         raw.setdefault("prompt", "")  # no diffusion: the prompt plays no part
     params = parse_params({**config.defaults, **raw}, config.limits)
-    if mode == "generate" and output == "png" and params.num_samples != 1:
+    one_image = mode == "edges" or params.num_samples == 1
+    if output is None:  # only formats that can hold the result are negotiated: png holds one image
+        output = _output_from_accept(_header(headers, "accept"), ("zip", "json", "png") if one_image else ("zip", "json"))
+    if output == "png" and not one_image:
         raise ParamError("output", f"png holds one image but num_samples is {params.num_samples}; use zip or json")
+    if mode == "generate":
+        height, width = checked_output_size(*image.shape[:2], params.image_resolution)
+        check_cost(params, height, width, config.limits)
     return ServingRequest(params, image, output, stream, mode)
 
 
@@ -209,11 +286,14 @@ def batch_groups(prepared: Mapping[int, Prepared], max_samples: int) -> list[lis
 
 def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: int | None) -> dict[str, Any]:
     """Everything needed to reproduce a result: the parameters with the seed resolved, the seeds of all
-    samples, the size generated, the model, and the DDIM steps visited (None in edges mode)."""
+    samples, the size generated, the model, and the DDIM steps visited. In edges mode (steps None) no noise is
+    drawn: seed and seeds are None. The server and scripts/generate.py both report exactly this."""
     height, width = prepared.edge_map.shape
+    generated = steps is not None
     return {
         **prepared.params.to_dict(),
-        "seeds": prepared.seeds,
+        "seed": prepared.params.seed if generated else None,
+        "seeds": prepared.seeds if generated else None,
         "ddim_steps_visited": steps,
         "height": height,
         "width": width,
@@ -249,7 +329,7 @@ def error_response(status: int, error: str, field_name: str | None) -> Response:
 
 
 def param_error_response(err: ParamError) -> Response:
-    return error_response(400, str(err), err.field)
+    return error_response(err.status, str(err), err.field)
 
 
 def progress_event(done: int, total: int) -> bytes:
@@ -264,5 +344,5 @@ def stream_final_line(response: Response) -> bytes:
 
 def error_reason(field_name: str | None) -> str:
     """A metric label from a fixed set: the field at fault when it is a known one (clients choose unknown names)."""
-    known = set(GENERATION_FIELDS) | set(TRANSPORT_FIELDS) | {"body", "Content-Type"}
+    known = set(GENERATION_FIELDS) | set(TRANSPORT_FIELDS) | {"body", "Content-Type", "Accept"}
     return field_name if field_name in known else "unknown_field"

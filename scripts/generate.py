@@ -23,9 +23,11 @@ from controlnet_canny.params import GenerationParams, Limits, ParamError, parse_
 from controlnet_canny.backends import BackendOptions  # noqa: E402
 from controlnet_canny.pipeline import PRECISION_CHOICES, ControlNetCannyPipeline  # noqa: E402
 from controlnet_canny.preprocess import decode_image  # noqa: E402
+from serving import effective_parameters  # noqa: E402
 
-# Offline there is no server to protect: wide limits, any multiple of 64 from 64 up.
-OFFLINE_LIMITS = replace(Limits(), image_resolution=(64, 4096), num_samples=(1, 64), ddim_steps=(1, 1000))
+# Offline there is no server to protect: wide limits, any multiple of 64 from 64 up, no cost cap. DDIM steps keep
+# the server's range: beyond it the schedule only repeats timesteps.
+OFFLINE_LIMITS = replace(Limits(), image_resolution=(64, 4096), num_samples=(1, 64))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,8 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         image = decode_image(args.image.read_bytes(), max_bytes=2**30, max_pixels=2**28, field="--image")
     except ParamError as err:
         sys.exit(f"error: {err}")
-    backend = BackendOptions.from_mapping(dict(option.partition("=")[::2] for option in args.backend))
-    pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision, backend)
+    try:
+        backend = BackendOptions.from_mapping(dict(option.partition("=")[::2] for option in args.backend))
+        pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision, backend)
+    except (ValueError, OSError) as err:  # a checkpoint, configuration or backend mistake: the message names it
+        sys.exit(f"error: {err}")
     prepared = pipeline.prepare(image, params)
     steps = len(ddim_timesteps(prepared.params.ddim_steps))
     with tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr) as bar:
@@ -68,17 +73,14 @@ def main(argv: list[str] | None = None) -> None:
             bar.update(done - bar.n)
 
         result = pipeline.generate([prepared], on_step)
-    effective = {
-        **prepared.params.to_dict(),
-        "seeds": prepared.seeds,
-        "ddim_steps_visited": result.steps,
-        "height": prepared.edge_map.shape[0],
-        "width": prepared.edge_map.shape[1],
+    effective = effective_parameters(prepared, {
+        "model": None,  # offline: no TorchServe model
+        "model_version": None,
         "checkpoints": [p.name for p in args.checkpoint],
         "config": args.config.name,
         "precision": pipeline.precision,
         "device": str(pipeline.device),
-    }
+    }, result.steps)
     samples = [encode_png(img, {**effective, "seed": seed}) for img, seed in zip(result.images[0], prepared.seeds)]
     args.out.write_bytes(make_bundle(samples, encode_png(prepared.edge_map), effective))
     print(f"{args.out}: {len(samples)} sample(s), seeds {prepared.seeds}", file=sys.stderr)

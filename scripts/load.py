@@ -11,7 +11,12 @@ on free ports, token authorization on) unless --url is given, then:
    latency, requests/s and images/s;
 2. overflow: --burst simultaneous requests, more than the job queue holds (job_queue_size, 32): the surplus
    must get TorchServe's 503 quickly, the rest valid bundles;
-3. recovery: --recovery sequential requests after the burst, all 200.
+3. recovery: --recovery sequential requests after the burst, all 200;
+4. mixed: --mixed requests from --clients clients, every other one hostile (scripts/hostile.py: decode stalls,
+   memory amplification, conversion crashes, cost bombs, oversized echoes, unacceptable Accept, malformed
+   multipart): each hostile request must get its expected refusal (or, for the costly-to-decode uploads that are
+   in range, a 200), every normal one a valid bundle, and the worker must stay the same process. Reports the
+   worker's resident memory: VmRSS before and after, VmHWM (its peak over its life) after.
 
 Prints a JSON summary (also written to --out) and exits 1 when a check fails. Only ever sends to the server it
 started or to --url; every loop is bounded in count and time.
@@ -35,11 +40,11 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "handler"))
 
+import hostile  # noqa: E402
 from controlnet_canny.bundle import read_png_parameters  # noqa: E402
-from live_server import HOUSE, tiny_server  # noqa: E402
+from live_server import HOUSE, png_header_only, tiny_server  # noqa: E402
 
 TINY = ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"
 
@@ -95,6 +100,72 @@ class Load:
         else:
             result["detail"] = response.text[:300]
         return result
+
+
+def _malformed_multipart() -> dict:
+    body, content_type = hostile.multipart([(b'Content-Disposition: form-data; name=""', b"x")])
+    return {"data": body, "headers": {"Content-Type": content_type}}
+
+
+# (name, requests keyword arguments, the statuses it may get). Built once: some take a second to encode.
+HOSTILE = [
+    ("JPEG 4096x4096 repeating its last scan", lambda: {"files": {"image": ("a.jpg", hostile.progressive_jpeg_repeating_scans(4096, 200))}, "data": {"prompt": "a"}}, (400,)),
+    ("JPEG 4096x4096 progressive, in range", lambda: {"files": {"image": ("a.jpg", hostile.progressive_jpeg_repeating_scans(4096, 0))}, "data": {"mode": "edges"}}, (200,)),
+    ("RGBA WebP 4096x4096 of a few hundred bytes", lambda: {"files": {"image": ("a.webp", hostile.flat_rgba_webp(4096))}, "data": {"mode": "edges"}}, (200,)),
+    ("palette PNG with a 400-entry tRNS", lambda: {"files": {"image": ("a.png", hostile.palette_png_with_long_trns(8, 400))}, "data": {"prompt": "a"}}, (400,)),
+    ("4:1 image at image_resolution 768", lambda: {"files": {"image": ("a.png", hostile.elongated_png(256, 64))}, "data": {"prompt": "a", "image_resolution": "768"}}, (400,)),
+    ("PNG header declaring 60000x60000", lambda: {"files": {"image": ("a.png", png_header_only(60000, 60000))}, "data": {"prompt": "a"}}, (400,)),
+    ("unknown field with a 1 MB name", lambda: {"files": {"image": ("a.png", HOUSE)}, "data": {"prompt": "a", "z" * 2**20: "1"}}, (400,)),
+    ("Accept: text/html", lambda: {"files": {"image": ("a.png", HOUSE)}, "data": {"prompt": "a"}, "headers": {"Accept": "text/html"}}, (406,)),
+    ("multipart part with an empty name", _malformed_multipart, (500,)),  # TorchServe's frontend, before the handler
+]
+
+
+def rss_kib(pid: int) -> dict:
+    """The process's resident memory now (VmRSS) and at its peak so far (VmHWM), KiB."""
+    values = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: int(values[name].split()[0]) for name in ("VmRSS", "VmHWM")}
+
+
+def mixed(load: Load, clients: int, total: int, worker: int | None) -> dict:
+    """Every other request hostile; hostile requests get their expected status, normal ones valid bundles."""
+    built = [(name, make(), statuses) for name, make, statuses in HOSTILE]
+    before = rss_kib(worker) if worker else None
+    results: list[dict] = []
+    hostile_wrong: list[dict] = []
+    counter = iter(range(total))
+
+    def client() -> None:
+        session = requests.Session()
+        while (n := next(counter, None)) is not None:
+            if n % 2 == 0:
+                result = load.one(seed=20000 + n, samples=1)
+                with load.lock:
+                    results.append(result)
+                continue
+            name, kwargs, statuses = built[(n // 2) % len(built)]
+            try:
+                response = session.post(load.url, timeout=600, **{**kwargs, "headers": {**load.headers, **kwargs.get("headers", {})}})
+                status, text = response.status_code, response.text[:200]
+            except requests.RequestException as err:
+                status, text = "error", repr(err)[:200]
+            if status not in statuses:
+                with load.lock:
+                    hostile_wrong.append({"case": name, "status": status, "detail": text})
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    summary = summarize(results, time.monotonic() - start)
+    summary["hostile_requests"] = total // 2
+    summary["hostile_unexpected"] = hostile_wrong[:20]
+    if worker:
+        summary["worker_memory_kib"] = {**{f"{k}_before": v for k, v in before.items()},
+                                        **{f"{k}_after": v for k, v in rss_kib(worker).items()}}
+    return summary
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -173,14 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=80, help="simultaneous requests of the overflow phase")
     parser.add_argument("--burst-steps", type=int, default=30, help="DDIM steps in the burst (slow: the queue fills)")
     parser.add_argument("--recovery", type=int, default=10, help="sequential requests after the burst")
+    parser.add_argument("--mixed", type=int, default=90, help="requests of the mixed run, every other one hostile")
     parser.add_argument("--url", help="an already running endpoint .../predictions/<model> (else one is started)")
     parser.add_argument("--key", help="its inference key (with --url)")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
-    if not 1 <= args.clients <= 64 or not 1 <= args.burst <= 256 or args.duration > 900:
-        parser.error("clients 1-64, burst 1-256, duration at most 900 s")
+    if not 1 <= args.clients <= 64 or not 1 <= args.burst <= 256 or args.duration > 900 or not 0 <= args.mixed <= 2000:
+        parser.error("clients 1-64, burst 1-256, duration at most 900 s, mixed 0-2000")
 
-    def run(url: str, key: str) -> dict:
+    def run(url: str, key: str, worker: int | None = None) -> dict:
         load = Load(url, key, args.steps)
         report = {"settings": {k: v for k, v in vars(args).items() if k not in ("key", "out")}}
         report["steady"] = steady(load, args.clients, args.duration, args.max_requests)
@@ -188,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         report["recovery"] = summarize([load.one(seed=9000 + i, samples=1) for i in range(args.recovery)],
                                        time.monotonic() - start)
+        report["mixed"] = mixed(load, args.clients, args.mixed, worker)
         return report
 
     if args.url:
@@ -196,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         if not TINY.is_file():
             sys.exit(f"error: {TINY} is missing; run `make tiny` first")
         with tiny_server(TINY, prefix="torchserve_load_") as server:  # one torch thread per worker
-            report = run(server.url, server.key("inference"))
-            report["server"] = {"worker_pids_at_end": server.ready_worker_pids()}
+            worker = server.ready_worker_pids()[0]
+            report = run(server.url, server.key("inference"), worker)
+            report["server"] = {"worker_pid_at_start": worker, "worker_pids_at_end": server.ready_worker_pids()}
 
     steady_report, burst = report["steady"], report["overflow"]
     checks = {
@@ -207,7 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         "overflow: only 200 (valid bundles) and 503": not burst["unexpected"] and not burst["invalid_bundles"],
         "recovery: all 200 with valid bundles": report["recovery"]["status_counts"] == {"200": args.recovery}
                                                  and not report["recovery"]["invalid_bundles"],
+        "mixed: every normal request a valid bundle": not report["mixed"]["unexpected"]
+                                                      and not report["mixed"]["invalid_bundles"],
+        "mixed: every hostile request refused as expected": not report["mixed"]["hostile_unexpected"],
     }
+    if "server" in report:
+        checks["the same worker process throughout"] = report["server"]["worker_pids_at_end"] == [
+            report["server"]["worker_pid_at_start"]]
     report["checks"] = checks
     text = json.dumps(report, indent=2)
     print(text)

@@ -4,7 +4,10 @@
 #
 #   scripts/serve.sh [start|stop|foreground]
 #
-# TorchServe writes key_file.json (the API keys) to its working directory: that is RUN_DIR, with the logs.
+# TorchServe writes key_file.json (the API keys) to its working directory: that is RUN_DIR, with the logs, the
+# instance's temporary directory (TMPDIR: the launcher's pid file, which `stop` reads, and the workers' files) and
+# the configuration TorchServe really runs with (effective.properties, below). A second instance needs only its own
+# RUN_DIR (and its own ports in TS_CONFIG); `stop` with the same RUN_DIR stops that instance alone.
 # Environment: TS_CONFIG (default: config.properties), RUN_DIR (default: artifacts/serve), MODEL_STORE (default:
 # model_store), WAIT_S (how long `start` waits for the model to load, default 900: the real checkpoint from a
 # cold disk takes minutes).
@@ -16,12 +19,37 @@ RUN_DIR=$(realpath -m "${RUN_DIR:-$ROOT/artifacts/serve}")
 STORE=$(realpath -m "${MODEL_STORE:-$ROOT/model_store}")
 BIN=$ROOT/.venv/bin
 export LOG_LOCATION=$RUN_DIR/logs METRICS_LOCATION=$RUN_DIR/logs
-mkdir -p "$LOG_LOCATION"
+# TMPDIR: the launcher's pid file and the workers' temporary files; TEMP: the JVM's (java.io.tmpdir).
+export TMPDIR=$RUN_DIR/tmp TEMP=$RUN_DIR/tmp
+unset TS_CONFIG_FILE  # it would make TorchServe read another file than the effective configuration below
+mkdir -p "$LOG_LOCATION" "$TMPDIR"
 cd "$RUN_DIR"
 
 setting() { sed -n "s/^$1=//p" "$CONFIG" | tail -n 1; }
 INFERENCE_URL=$(setting inference_address)
-TS_ARGS=(--ts-config "$CONFIG" --model-store "$STORE" --ncs)
+
+# The configuration TorchServe runs with: TS_CONFIG, then allowed_urls anchored to this model store (the last
+# occurrence of a key wins). Model registration is off (enable_model_api=false), but the workflow API is not, and
+# a workflow's handler is Python that TorchServe runs; its archive must come from an allowed URL or the workflow
+# store (the model store). The pattern admits a plain file name directly in this store (no slash, %-escape or
+# leading dot: no way out of it). The path is quoted for Java's regex (\Q...\E, each backslash doubled for the
+# properties file), so no backslash may be in it.
+case "$STORE" in
+  *\\*) echo "MODEL_STORE must not contain a backslash: $STORE" >&2; exit 2 ;;
+esac
+EFFECTIVE_CONFIG=$RUN_DIR/effective.properties
+{
+  cat "$CONFIG"
+  printf '\n# Appended by scripts/serve.sh: archives only from this model store.\n'
+  printf 'allowed_urls=file://\\\\Q%s\\\\E/[A-Za-z0-9_][A-Za-z0-9_.-]*\n' "$STORE"
+  printf 'workflow_store=%s\n' "$STORE"
+} > "$EFFECTIVE_CONFIG"
+TS_ARGS=(--ts-config "$EFFECTIVE_CONFIG" --model-store "$STORE" --ncs)
+if [ "$RUN_DIR" = "$(realpath -m "$ROOT/artifacts/serve")" ]; then
+  STOP_COMMAND="make stop"
+else
+  STOP_COMMAND="RUN_DIR=$RUN_DIR scripts/serve.sh stop"
+fi
 
 case "${1:-start}" in
   stop)
@@ -48,10 +76,10 @@ case "${1:-start}" in
     fi
     # The console repeats ts_log.log without rotation: in the background only the log files are kept.
     if ! "$BIN/torchserve" --start "${TS_ARGS[@]}" >/dev/null 2>&1; then
-      echo "TorchServe did not start; is it running already (make stop)?" >&2
+      echo "TorchServe did not start; is it running already ($STOP_COMMAND)?" >&2
       exit 1
     fi
-    PID_FILE=${TMPDIR:-/tmp}/.model_server.pid  # where the torchserve launcher records the server's pid
+    PID_FILE=$TMPDIR/.model_server.pid  # where the torchserve launcher records the server's pid
     echo "Waiting for TorchServe and the model (logs: $LOG_LOCATION) ..."
     for _ in $(seq 1 "${WAIT_S:-900}"); do
       if ! kill -0 "$(cat "$PID_FILE" 2>/dev/null)" 2>/dev/null; then
@@ -70,7 +98,7 @@ API keys: $RUN_DIR/key_file.json
        -o result.zip $INFERENCE_URL/predictions/controlnet
   .venv/bin/python scripts/client.py generate --image tests/data/house.png --prompt "a house" --out result/
 
-Stop it with: make stop
+Stop it with: $STOP_COMMAND
 EOF
         exit 0
       fi

@@ -32,7 +32,6 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 from live_server import HOUSE, tiny_server  # noqa: E402
 

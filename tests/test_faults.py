@@ -8,17 +8,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
 
-from live_server import build_model, require_java, running_torchserve, wait_until
+from live_server import (ROOT, build_model, config_with_free_ports, free_ports, require_java, running_torchserve,
+                         wait_until)
 
 HANDLER_FAILURES = ("could not be prepared", "generation failed", "could not be encoded")
 LONG = {"ddim_steps": 100}  # about 5 s on the tiny model: long enough to be interrupted
@@ -224,3 +228,60 @@ def test_ping_is_unhealthy_without_workers(broken):
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(f"{server.inference}/predictions/missing", headers=server.auth(),
                       files={"image": ("a.png", b"x")}, data={"prompt": "a"}, timeout=2)
+
+
+@pytest.mark.parametrize("case", ["truncated", "wrongarch", "missing config"])
+def test_generate_cli_reports_a_broken_model_in_one_line(tmp_path, tiny_checkpoint, tiny_dir, case):
+    """scripts/generate.py: a checkpoint or architecture file that cannot load is one `error:` line, no traceback."""
+    checkpoint, config = tiny_checkpoint, ROOT / "handler" / "controlnet_canny" / "configs" / "cldm_tiny.yaml"
+    if case == "truncated":
+        checkpoint = tmp_path / "truncated.pth"
+        data = tiny_checkpoint.read_bytes()
+        checkpoint.write_bytes(data[: len(data) // 2])
+    elif case == "wrongarch":
+        checkpoint = tiny_dir / "control_tiny_v11_canny.pth"
+    else:
+        config = tmp_path / "no_such.yaml"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint", str(checkpoint),
+                             "--config", str(config), "--image", str(ROOT / "tests" / "data" / "house.png"),
+                             "--prompt", "a house", "--image-resolution", "64", "--ddim-steps", "1",
+                             "--out", str(tmp_path / "out.zip")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out.zip").exists()
+
+
+@pytest.mark.parametrize("steps, ok", [(100, True), (101, False)])
+def test_generate_cli_bounds_ddim_steps_like_the_server(tmp_path, steps, ok):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint", "none.pth",
+                             "--image", str(ROOT / "tests" / "data" / "house.png"), "--prompt", "a",
+                             "--ddim-steps", str(steps)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if ok:  # valid parameters: it goes on to the checkpoint, which does not exist
+        assert "no such checkpoint" in result.stderr or "No such file" in result.stderr, result.stderr
+    else:
+        assert result.stderr.strip() == "error: ddim_steps: must be between 1 and 100, got 101", result.stderr
+
+
+def test_a_second_serve_sh_instance_is_its_own(server, tiny_checkpoint, tmp_path):
+    """scripts/serve.sh beside a running instance (the session's server, also started by serve.sh): its own pid
+    file and temporary directory under its RUN_DIR, a banner naming the command that stops it, and that command
+    stops it alone."""
+    store = tmp_path / "model_store"
+    build_model(store, [tiny_checkpoint], sets=["handler.threads=1"])
+    inference, _, _ = config_with_free_ports(tmp_path / "config.properties", free_ports(5))
+    run_dir = tmp_path / "second"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "TS_CONFIG": str(tmp_path / "config.properties"),
+           "MODEL_STORE": str(store), "WAIT_S": "240"}
+    serve_sh = str(ROOT / "scripts" / "serve.sh")
+    started = subprocess.run([serve_sh, "start"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        assert f"Stop it with: RUN_DIR={run_dir} scripts/serve.sh stop" in started.stdout, started.stdout
+        pid = int((run_dir / "tmp" / ".model_server.pid").read_text())
+        key = json.loads((run_dir / "key_file.json").read_text())["inference"]["key"]
+        assert requests.get(f"{inference}/ping", headers={"Authorization": f"Bearer {key}"}, timeout=10).ok
+    finally:
+        stopped = subprocess.run([serve_sh, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_until(lambda: not psutil.pid_exists(pid), 60, "the second instance's exit")
+    assert server.ping().status_code == 200  # the first instance serves on

@@ -1,14 +1,16 @@
 """Security: token authorization on by default, every port on loopback (in config.properties and in the
-running server's sockets), no model registration over HTTP, no code from a checkpoint's pickle, request
-size caps. A checkpoint that would run code is also refused at a live model load in test_faults.py (its
+running server's sockets), no model or workflow registration over HTTP (no uploaded handler ever runs), no code
+from a checkpoint's pickle, request size caps. A checkpoint that would run code is also refused at a live model load in test_faults.py (its
 server of broken models serves all the bad-checkpoint checks).
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import stat
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -105,6 +107,49 @@ def test_model_registration_is_disabled(server, url):
     assert response.status_code == 405 and "MethodNotAllowedException" in response.text, response.text
     listed = requests.get(f"{server.management}/models", headers=server.auth("management"), timeout=30).json()
     assert [m["modelName"] for m in listed["models"]] == ["controlnet"]
+
+
+def _workflow_archive(path: Path, marker: Path) -> Path:
+    """A TorchServe workflow archive (.war) whose handler, a Python module, writes `marker` when it is imported:
+    registering it would start workers that import it."""
+    handler = f"open({str(marker)!r}, 'w').write('ran')\n\ndef step(data, context):\n    return data\n"
+    manifest = {"createdOn": "01/01/2026 00:00:00", "archiverVersion": "0.2.15", "runtime": "python",
+                "workflow": {"workflowName": "intruder", "specFile": "spec.yaml", "handler": "intruder.py"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as war:
+        war.writestr("WAR-INF/MANIFEST.json", json.dumps(manifest))
+        war.writestr("spec.yaml", "models:\n  min-workers: 1\n  max-workers: 1\ndag:\n  first: [second]\n")
+        war.writestr("intruder.py", handler)
+    return path
+
+
+def test_workflow_registration_runs_no_code(server, tmp_path):
+    """The workflow API cannot be switched off in TorchServe 0.12; scripts/serve.sh anchors allowed_urls to this
+    deployment's model store, so no archive from anywhere else is fetched, whatever the URL's spelling."""
+    marker = tmp_path / "code_ran"
+    war = _workflow_archive(tmp_path / "model_store" / "intruder.war", marker)  # a directory named like a store
+    escapes = "%2F".join([".."] * len(server.store.parts) + [p for p in war.parts[1:]])
+    urls = [
+        war.as_uri(),
+        f"FILE://{war}",  # TorchServe matches allowed_urls case-insensitively
+        f"file://{server.store}/{escapes}",  # out of the store by %-escaped slashes
+        f"file://{server.store}/../{war.relative_to('/')}",
+        "intruder.war",  # a name: looked up in the workflow store, the model store, which has none
+        str(war),
+    ]
+    headers = server.auth("management")
+    for url in urls:
+        response = requests.post(f"{server.management}/workflows", params={"url": url, "workflow_name": "intruder"},
+                                 headers=headers, timeout=120)
+        assert not marker.exists(), f"the workflow handler ran ({url})"
+        assert 400 <= response.status_code < 500, (url, response.status_code, response.text)
+    models = requests.post(f"{server.management}/models", params={"url": war.as_uri()}, headers=headers, timeout=30)
+    assert models.status_code == 405, models.text
+    listed = requests.get(f"{server.management}/workflows", headers=headers, timeout=30).json()
+    assert listed["workflows"] == [], listed
+    assert [m["modelName"] for m in requests.get(f"{server.management}/models", headers=headers, timeout=30)
+            .json()["models"]] == ["controlnet"]
+    assert not marker.exists() and sorted(p.name for p in server.store.iterdir()) == ["controlnet"]
 
 
 def test_model_deletion_is_disabled(server):

@@ -99,13 +99,34 @@ def test_multipart_and_json_give_the_same_request(config, house_png):
     ({}, "*/*", "zip"),
     ({}, "image/png", "png"),
     ({}, "application/json, image/png", "json"),
-    ({}, "text/html", "zip"),
+    ({}, "text/html, */*;q=0.1", "zip"),
+    ({}, "application/zip;q=0.2, application/json;q=0.9", "json"),  # q-values rank, not the order
+    ({}, "image/*, application/json;q=0.5", "png"),
+    ({}, "application/*;q=0.8, application/zip;q=0", "json"),  # the most specific range decides: zip refused
+    ({}, "IMAGE/PNG;Q=1", "png"),
+    ({}, ";;, q=0.5", "zip"),  # nothing parses: as if absent
+    ({"num_samples": "2"}, "image/png, application/zip", "zip"),  # png holds one image: the next acceptable
+    ({"num_samples": "2"}, "image/png;q=1, application/json;q=0.3", "json"),
+    ({"mode": "edges", "num_samples": "2"}, "image/png", "png"),  # the edge map alone
     ({"output": "json"}, "image/png", "json"),  # the field wins over the header
     ({"stream": "true"}, None, "json"),
 ])
 def test_output_format(config, house_png, fields, accept, expected):
     headers = {**FORM, **({"Accept": accept} if accept else {})}
     assert serving.parse_request(form({"prompt": "a", **fields}, house_png), headers, config).output == expected
+
+
+@pytest.mark.parametrize("fields, accept", [
+    ({}, "text/html"),
+    ({}, "*/*;q=0"),
+    ({}, "application/zip;q=0, application/json;q=0, image/png;q=0, text/*"),
+    ({"num_samples": "3"}, "image/png"),  # png cannot hold three samples, and nothing else is accepted
+])
+def test_unacceptable_accept_is_406(config, house_png, fields, accept):
+    with pytest.raises(serving.NotAcceptable) as err:
+        serving.parse_request(form({"prompt": "a", **fields}, house_png), {**FORM, "Accept": accept}, config)
+    response = serving.param_error_response(err.value)
+    assert response.status == 406 and json.loads(response.body)["field"] == "Accept", response
 
 
 @pytest.mark.parametrize("row, headers, field, fragment", [

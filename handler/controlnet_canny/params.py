@@ -16,6 +16,7 @@ MAX_SEED = 2**31 - 1
 
 class ParamError(ValueError):
     """A client mistake in one field; `field` names it, the message says the allowed values."""
+    status = 400  # the HTTP status it gets when served
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -60,6 +61,13 @@ class Limits:
     eta: tuple[float, float] = (0.0, 1.0)
     low_threshold: tuple[int, int] = (1, 255)
     high_threshold: tuple[int, int] = (1, 255)
+    # The cost of a generation. A wide input at a high image_resolution makes an output of up to 4x a square's
+    # area, and attention's cost grows with the square of the area: the output is capped at the area of the
+    # largest square image_resolution allows (768 x 768). The sampler's work, latent pixels (output / 64) x
+    # samples x DDIM steps, is capped at what the largest square request of the other ranges needs (96 x 96 x 12 x
+    # 100); lower it to what the worker's machine does within responseTimeout (docs/serving.md has the figures).
+    output_pixels: int = 768 * 768
+    work: int = 96 * 96 * 12 * 100
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:
@@ -67,9 +75,13 @@ class Limits:
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"unknown limits: {sorted(unknown)}; known: {sorted(known)}")
-        return replace(cls(), **{k: v if k == "prompt_chars" else tuple(v) for k, v in overrides.items()})
+        for name in set(overrides) & set(_SCALAR_LIMITS):
+            if isinstance(overrides[name], bool) or not isinstance(overrides[name], int) or overrides[name] < 1:
+                raise ValueError(f"limits.{name} must be a positive integer, got {overrides[name]!r}")
+        return replace(cls(), **{k: v if k in _SCALAR_LIMITS else tuple(v) for k, v in overrides.items()})
 
 
+_SCALAR_LIMITS = ("prompt_chars", "output_pixels", "work")
 _TEXT_FIELDS = ("prompt", "a_prompt", "n_prompt")
 _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -148,3 +160,15 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
     if params.image_resolution % resolution_step:
         raise ParamError("image_resolution", f"must be a multiple of {resolution_step}, got {params.image_resolution}")
     return params
+
+
+def check_cost(params: GenerationParams, height: int, width: int, limits: Limits = Limits()) -> None:
+    """Refuses a generation of a height x width output whose cost is over `limits` (output_pixels, work)."""
+    if height * width > limits.output_pixels:
+        raise ParamError("image_resolution", f"the output would be {width}x{height} = {height * width} pixels; at most "
+                         f"{limits.output_pixels} allowed (a lower image_resolution or a less elongated image)")
+    work = (height // 8) * (width // 8) * params.num_samples * params.ddim_steps
+    if work > limits.work:
+        field = "num_samples" if params.num_samples > 1 else "ddim_steps"
+        raise ParamError(field, f"{width // 8}x{height // 8} latent pixels x {params.num_samples} samples x "
+                         f"{params.ddim_steps} steps = {work}; at most {limits.work} allowed")

@@ -12,6 +12,10 @@ from .params import ParamError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_ASPECT = 4  # bounds the generated size whatever the input shape
+# A progressive JPEG decodes scan by scan, each a pass over the whole image, so a small file repeating scans holds
+# the worker for minutes. Encoders write at most about 10 per image (libjpeg's progression), plus a thumbnail's.
+MAX_JPEG_SCANS = 32
+COMPOSITE_PIXELS = 2**16  # alpha is composited in bands of about this many pixels: float32 temporaries stay small
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
@@ -28,19 +32,27 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
             width, height = image.size
             if width * height > max_pixels:
                 raise ParamError(field, f"is {width}x{height} = {width * height} pixels; at most {max_pixels} allowed")
+            if image.format == "JPEG":
+                # FF DA starts a scan; entropy-coded data never holds it (an FF there is followed by 00 or a
+                # restart marker), so this counts every scan (and those of an embedded thumbnail, bounded too)
+                scans = data.count(b"\xff\xda")
+                if scans > MAX_JPEG_SCANS:
+                    raise ParamError(field, f"is a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} allowed")
             image.load()
-            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, EXIF says how to turn
+            ImageOps.exif_transpose(image, in_place=True)  # phone photos: stored sideways, EXIF says how to turn
+            return to_rgb(image)  # inside: a malformed palette or transparency fails only at conversion
     except ParamError:
         raise
     except Image.DecompressionBombError:
         raise ParamError(field, f"declares too many pixels; at most {max_pixels} allowed") from None
     except Exception as err:  # Pillow raises many types for corrupt data; all are the client's mistake
         raise ParamError(field, f"is not a valid {'/'.join(FORMATS)} image ({type(err).__name__})") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """Gray repeated to 3 channels; alpha composited over white as the reference: rgb * a + 255 * (1 - a), truncated."""
+    """Gray repeated to 3 channels; alpha composited over white as the reference: rgb * a + 255 * (1 - a) in float32,
+    truncated. Compositing runs a band of rows at a time, so that beyond the decoded image and the uint8 result
+    only a band's float32 temporaries are held (the whole image in float32 is 16 bytes a pixel, per temporary)."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit gray PNG: Pillow's convert would clip at 255
         wide = np.asarray(image).astype(np.int64)
         gray = Image.fromarray((wide.clip(0, 65535) >> 8).astype(np.uint8), "L")
@@ -51,9 +63,16 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if not has_alpha:
         return np.ascontiguousarray(np.asarray(image.convert("RGB")))
-    rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
-    alpha = rgba[:, :, 3:4] / 255.0
-    return (rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")
+    width, height = image.size
+    rgb = np.empty((height, width, 3), np.uint8)
+    rows = max(1, COMPOSITE_PIXELS // width)
+    for top in range(0, height, rows):
+        band = np.asarray(image.crop((0, top, width, min(height, top + rows)))).astype(np.float32)
+        alpha = band[:, :, 3:4] / 255.0
+        rgb[top:top + len(band)] = (band[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return rgb
 
 
 def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
@@ -62,11 +81,17 @@ def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
 
 
-def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
-    height, width = image.shape[:2]
+def checked_output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """output_size, refused beyond MAX_ASPECT."""
     new_height, new_width = output_size(height, width, resolution)
     if max(new_height, new_width) > MAX_ASPECT * resolution:
         raise ParamError("image", f"aspect ratio {width}:{height} is beyond {MAX_ASPECT}:1")
+    return new_height, new_width
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    new_height, new_width = checked_output_size(height, width, resolution)
     k = float(resolution) / min(height, width)
     interpolation = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation)

@@ -1,9 +1,10 @@
 """A throwaway TorchServe on loopback: the model built from a checkpoint with scripts/build_mar.py, the
-repository's config.properties on free ports, token authorization on, everything it writes (key file, logs,
-pid file, sockets, its temporary files, the model store) in one directory, and always stopped.
+repository's config.properties on free ports, started by scripts/serve.sh (so with the configuration it derives:
+archives only from this model store), token authorization on, everything it writes (key file, logs, pid file,
+sockets, its temporary files, the model store) in one directory, and always stopped.
 
-Used by the integration tests (tests/test_server.py and the reliability tests) and by scripts/load.py and
-scripts/soak.py; free of pytest so that the scripts can import it.
+Used by scripts/load.py and scripts/soak.py and by the integration tests (tests/test_server.py, the hostile-input,
+security and reliability tests); free of pytest.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+SERVE_SH = ROOT / "scripts" / "serve.sh"
 HOUSE = (ROOT / "tests" / "data" / "house.png").read_bytes()
 TINY_CONFIG = ROOT / "handler" / "controlnet_canny" / "configs" / "cldm_tiny.yaml"
 STEPS = 4
@@ -37,11 +38,19 @@ class Server:
     inference: str
     management: str
     metrics: str
-    run_dir: Path  # TorchServe's working directory: key_file.json
-    log_dir: Path
-    temp_dir: Path  # TMPDIR / TEMP of the launcher, the JVM and the workers
+    run_dir: Path  # serve.sh's RUN_DIR, TorchServe's working directory: key_file.json, logs/, tmp/
+    store: Path  # the model store
     process: subprocess.Popen
     model: str = MODEL
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def temp_dir(self) -> Path:
+        """TMPDIR / TEMP of the launcher, the JVM and the workers (serve.sh's choice)."""
+        return self.run_dir / "tmp"
 
     def key(self, kind: str) -> str:
         return json.loads((self.run_dir / "key_file.json").read_text())[kind]["key"]
@@ -149,35 +158,33 @@ def require_java() -> str | None:
 @contextmanager
 def running_torchserve(store: Path, workdir: Path, settings: Mapping[str, str] | None = None,
                        ready: str | None = MODEL, timeout: float = 180) -> Iterator[Server]:
-    """TorchServe on the model store, in `workdir` (run/, tmp/, logs/ made there); waits until model `ready` has
+    """`scripts/serve.sh foreground` on the model store, with RUN_DIR `workdir`/run; waits until model `ready` has
     a READY worker (None: only until the management API answers); stops it and every process it started."""
-    run_dir, temp, logs = (workdir / name for name in ("run", "tmp", "logs"))
-    for directory in (run_dir, temp, logs):
-        directory.mkdir(parents=True, exist_ok=True)
+    run_dir = workdir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
     inference, management, metrics = config_with_free_ports(workdir / "config.properties", free_ports(5), settings)
-    # TEMP: the JVM's temporary directory (worker sockets, model links); TMPDIR: the launcher's pid file, the workers'.
-    env = {**os.environ, "TMPDIR": str(temp), "TEMP": str(temp), "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs)}
-    command = [str(BIN / "torchserve"), "--ts-config", str(workdir / "config.properties"), "--model-store", str(store),
-               "--ncs"]
-    process = subprocess.Popen([*command, "--start", "--foreground"], cwd=run_dir, env=env, start_new_session=True,
+    env = {**os.environ, "RUN_DIR": str(run_dir), "TS_CONFIG": str(workdir / "config.properties"),
+           "MODEL_STORE": str(store)}
+    process = subprocess.Popen([str(SERVE_SH), "foreground"], cwd=workdir, env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        server = Server(inference, management, metrics, run_dir, logs, temp, process)
+        server = Server(inference, management, metrics, run_dir, store, process)
+        log = server.log_dir / "ts_log.log"
         if ready is None:
             wait_until(lambda: (run_dir / "key_file.json").exists() and requests.get(
                 f"{management}/models", headers=server.auth("management"), timeout=5).ok,
-                timeout, "the management API answering", process, logs / "ts_log.log")
+                timeout, "the management API answering", process, log)
         else:
             wait_until(lambda: any(w["status"] == "READY" for w in server.workers(ready)), timeout,
-                       f"model {ready}'s worker becoming READY", process, logs / "ts_log.log")
+                       f"model {ready}'s worker becoming READY", process, log)
         yield server
     finally:
         try:
-            subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=run_dir, env=env, capture_output=True, timeout=60)
+            subprocess.run([str(SERVE_SH), "stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
-        try:  # the launcher, the JVM and the workers share this process group, which we created
+        try:  # serve.sh, the launcher, the JVM and the workers share this process group, which we created
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
