@@ -32,11 +32,14 @@ generate: $(TINY)
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
-# Performance figures for docs/benchmarks.md: full-size architecture with random weights beside diffusers,
-# whole images, start-up from a synthetic 5.7 GB checkpoint (written once to ~/.cache), bf16 drift.
+# Performance figures for docs/benchmarks.md: the pipeline loaded from a synthetic full-size checkpoint (5.7 GB,
+# written once to ~/.cache) beside diffusers and OpenVINO, per step, on square, landscape and portrait outputs at
+# 256 and 512, fp32 and bf16; whole square images; start-up; drift. Hours on two cores; see docs/benchmarks.md.
 # Service overhead needs the server: make serve && .venv/bin/python scripts/bench.py --service http://127.0.0.1:8080
+# A GPU machine: scripts/gpu_check.sh (parity, drift and benchmark on CUDA, one request served there).
 bench: $(VENV)/.installed-test $(TINY)
-	$(PY) scripts/bench.py --whole-image --startup
+	$(PY) scripts/bench.py --startup
+	$(PY) scripts/bench.py --shapes 1:1 --whole-image --no-diffusers --no-openvino
 	$(PY) scripts/bench.py --drift
 
 clean:

@@ -1,24 +1,43 @@
 #!/usr/bin/env python3
-"""Benchmark: the full-size SD 1.5 + ControlNet architecture with random weights, beside diffusers.
+"""Benchmark: the pipeline the service builds, beside diffusers and OpenVINO, on the image shapes users send.
 
-Compute cost does not depend on weight values, so random weights measure what the real ones would.
-Prints one table: seconds per classifier-free-guidance denoising step (ControlNet + UNet, batch 2) for this
-project and for diffusers' UNet2DConditionModel + ControlNetModel (same dimensions, dtype and machine, in
-the same process), their ratio, seconds per whole image (20 steps, text encoding and VAE decode
-included), and the fraction of the machine's measured peak that a step reaches.
-`--startup` adds checkpoint-to-ready time and peak RSS for a synthetic full-size v1.0 checkpoint.
+Ours is loaded as a worker loads it (`ControlNetCannyPipeline.load` from a checkpoint file): for the full
+SD 1.5 + ControlNet architecture, a synthetic checkpoint in the real v1.0 key layout with random weights,
+written once to ~/.cache (compute cost does not depend on weight values). Output shapes come from the
+service's own resize rule applied to a photo of each aspect ratio (`--shapes`, the photo's width:height) at
+each `image_resolution` (`--sizes`): 4:3 at 256 gives 256x320, as a request would.
+
+Prints one table: seconds per classifier-free-guidance denoising step (ControlNet + UNet, batch 2) for ours
+(median of a real `generate()`'s steps after the first), for diffusers' UNet2DConditionModel + ControlNetModel
+of the same dimensions and dtype (alternated with ours in one process), and on CPU for the same two diffusers
+models converted to OpenVINO (once per run) and compiled per shape and precision; the ratios to diffusers,
+the backend choices ours made, optional whole-image times and the fraction of the machine's measured peak.
+`--device cuda` compares fp16 and bf16 on the GPU and, with `--compile`, ours under torch.compile (compile
+time apart). `--startup` adds checkpoint-to-ready time and peak RSS; `--drift` and `--service` measure
+other things (see their help).
+
+  bench.py                                        # CPU: all shapes at 256 and 512, fp32 and bf16, OpenVINO
+  bench.py --shapes 1:1 4:3 --sizes 256 --precisions fp32 --steps 2
+  bench.py --device cuda --compile                # GPU: fp16 and bf16, torch.compile
+  bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
+           --checkpoint artifacts/tiny/control_tiny_canny.pth --sizes 64 128   # the tiny model: a smoke test
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -28,80 +47,297 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "handler"))
 
-from controlnet_canny.config import CONFIG_DIR, load_config  # noqa: E402
+from controlnet_canny.config import CONFIG_DIR, ModelConfig, UNetConfig, load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
 from controlnet_canny.params import GenerationParams  # noqa: E402
 from controlnet_canny.pipeline import PRECISIONS, ControlNetCannyPipeline  # noqa: E402
+from controlnet_canny.preprocess import resize_image  # noqa: E402
 
 FULL_CONFIG = CONFIG_DIR / "cldm_v15.yaml"
-ROUNDS = 2
+TINY_CONFIG = CONFIG_DIR / "cldm_tiny.yaml"
+TINY_CHECKPOINT = ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"
 SYNTHETIC_CHECKPOINT = Path.home() / ".cache" / "controlnet-canny-bench" / "control_sd15_synthetic.pth"
+ROUNDS = 2
+ASPECTS = [(1, 1), (4, 3), (16, 9), (3, 4)]  # the photo's width:height: square, landscape photo and video, portrait
+PHOTO_SHORT_SIDE = 720  # the uploaded photo's; the service resizes it to image_resolution
+DEFAULT_PRECISIONS = {"cpu": ["fp32", "bf16"], "cuda": ["fp16", "bf16"]}
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT: forced, never the CPU's default
+GUIDANCE_BATCH = 2  # both classifier-free-guidance halves of one sample
+TIMESTEP = 501
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Timings on a GPU end when its queued work does, not when the launches return."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 2**20
 
 
-def random_pipeline(dtype: torch.dtype) -> ControlNetCannyPipeline:
-    torch.manual_seed(0)
-    cfg = load_config(FULL_CONFIG)
-    model = ControlLDM(cfg).to(dtype).requires_grad_(False)
-    return ControlNetCannyPipeline(model, cfg, torch.device("cpu"), dtype)
+# ------------------------------------------------------------------------------------------------- shapes
 
 
-def diffusers_models(dtype: torch.dtype):
+def aspect_ratio(text: str) -> tuple[int, int]:
+    """'W:H' of the input photo, e.g. 4:3 (landscape) or 3:4 (portrait), as (W, H)."""
+    match = re.fullmatch(r"([1-9][0-9]*):([1-9][0-9]*)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"aspect ratio must be W:H, e.g. 4:3, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+@cache
+def photo(aspect: tuple[int, int]) -> np.ndarray:
+    """A random RGB photo of this width:height, short side at least PHOTO_SHORT_SIDE."""
+    width, height = aspect
+    k = math.ceil(PHOTO_SHORT_SIDE / min(width, height))
+    return np.random.default_rng(0).integers(0, 256, (height * k, width * k, 3), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Shape:
+    aspect: tuple[int, int]  # the input photo's width:height
+    resolution: int  # the request's image_resolution
+    height: int  # of the output, as the service computes it
+    width: int
+
+    @classmethod
+    def of(cls, aspect: tuple[int, int], resolution: int) -> Shape:
+        height, width = resize_image(photo(aspect), resolution).shape[:2]
+        return cls(aspect, resolution, height, width)
+
+    @property
+    def label(self) -> str:
+        return f"{self.height}x{self.width}"
+
+    @property
+    def photo_label(self) -> str:
+        return f"{self.aspect[0]}:{self.aspect[1]}"
+
+
+# --------------------------------------------------------------------------------------------------- ours
+
+
+def time_ours(pipe: ControlNetCannyPipeline, shape: Shape, steps: int) -> tuple[float, float]:
+    """(median seconds per step after the first, seconds for the whole request: canny, text encoding with the
+    cache cleared, sampling, decoding)."""
+    params = GenerationParams(prompt="a house", image_resolution=shape.resolution, ddim_steps=steps, seed=0)
+    pipe._text_cache.clear()
+    stamps = []
+
+    def stamp(done: int, total: int) -> None:
+        synchronize(pipe.device)
+        stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    prepared = pipe.prepare(photo(shape.aspect), params)
+    if prepared.edge_map.shape != (shape.height, shape.width):
+        raise RuntimeError(f"the service resized a {shape.photo_label} photo at {shape.resolution} to "
+                           f"{prepared.edge_map.shape}, not {shape.label}")
+    pipe.generate([prepared], stamp)
+    whole = time.perf_counter() - start
+    return statistics.median(np.diff(stamps)) if steps > 1 else math.nan, whole
+
+
+def time_compiled(pipe: ControlNetCannyPipeline, shape: Shape, steps: int) -> tuple[float, float]:
+    """(seconds per step of ours with its two networks under torch.compile, seconds spent compiling them for
+    this shape). Each shape compiles afresh, as a worker would meet it."""
+    torch._dynamo.reset()
+    compiling = time_ours(pipe, shape, 1)[1]
+    warm = time_ours(pipe, shape, 1)[1]
+    return time_ours(pipe, shape, steps)[0], compiling - warm
+
+
+def compile_networks(pipe: ControlNetCannyPipeline) -> None:
+    for network in (pipe.model.model.diffusion_model, pipe.model.control_model):
+        network.compile(dynamic=False)
+
+
+def backend_summary(pipe: ControlNetCannyPipeline) -> str:
+    return getattr(getattr(pipe, "backend", None), "summary", lambda: "-")()
+
+
+# ---------------------------------------------------------------------------------------------- diffusers
+
+
+def attention_levels(unet: UNetConfig) -> list[bool]:
+    return [2**level in unet.attention_resolutions for level in range(len(unet.channel_mult))]
+
+
+def diffusers_dimensions(unet: UNetConfig) -> dict:
+    """diffusers' arguments shared by both networks of this config (legacy naming: `attention_head_dim` is
+    the number of heads). SD 1.5's are diffusers' defaults."""
+    return dict(
+        in_channels=unet.in_channels,
+        block_out_channels=tuple(unet.model_channels * m for m in unet.channel_mult),
+        layers_per_block=unet.num_res_blocks,
+        cross_attention_dim=unet.context_dim,
+        attention_head_dim=unet.num_heads,
+        transformer_layers_per_block=unet.transformer_depth,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels(unet)],
+    )
+
+
+def diffusers_models(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768).to(dtype).eval().requires_grad_(False)
-    controlnet = ControlNetModel(cross_attention_dim=768).to(dtype).eval().requires_grad_(False)
-    return unet, controlnet
+    up_blocks = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels(cfg.unet))]
+    with torch.device(device):  # initialised where they run: on a GPU, far faster than on the CPU
+        unet = UNet2DConditionModel(out_channels=cfg.unet.out_channels, up_block_types=up_blocks,
+                                    **diffusers_dimensions(cfg.unet))
+        controlnet = ControlNetModel(conditioning_channels=cfg.control.hint_channels,
+                                     **diffusers_dimensions(cfg.control))
+    return tuple(m.to(device, dtype).eval().requires_grad_(False) for m in (unet, controlnet))
 
 
-def request(size: int, steps: int, seed: int = 0):
-    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return image, GenerationParams(prompt="a house", image_resolution=size, ddim_steps=steps, seed=seed)
+def step_inputs(cfg: ModelConfig, height: int, width: int, dtype: torch.dtype, device: torch.device):
+    """(x, t, context, hint) of one guided step at batch 2: latents, timestep, text encodings, edge map."""
+    g = torch.Generator().manual_seed(0)
+    factor = cfg.latent_factor
+    x = torch.randn(GUIDANCE_BATCH, cfg.unet.in_channels, height // factor, width // factor, generator=g)
+    context = torch.randn(GUIDANCE_BATCH, cfg.text.context_length, cfg.unet.context_dim, generator=g)
+    hint = torch.rand(GUIDANCE_BATCH, cfg.control.hint_channels, height, width, generator=g)
+    t = torch.full((GUIDANCE_BATCH,), TIMESTEP)
+    return x.to(device, dtype), t.to(device), context.to(device, dtype), hint.to(device, dtype)
 
 
-def time_ours(pipe: ControlNetCannyPipeline, size: int, steps: int) -> tuple[float, float]:
-    """(median seconds per step after the first, seconds for the whole image). Text cache cleared first."""
-    image, params = request(size, steps)
-    pipe._text_cache.clear()
-    stamps = []
-    start = time.perf_counter()
-    pipe.generate([pipe.prepare(image, params)], lambda done, total: stamps.append(time.perf_counter()))
-    whole = time.perf_counter() - start
-    return statistics.median(np.diff(stamps)), whole
+def diffusers_step(unet, controlnet, x, t, context, hint) -> torch.Tensor:
+    down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+    return unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False)[0]
 
 
 @torch.inference_mode()
-def time_diffusers(unet, controlnet, size: int, dtype: torch.dtype, steps: int) -> float:
-    latent = size // 8
-    x = torch.randn(2, 4, latent, latent, dtype=dtype)
-    context = torch.randn(2, 77, 768, dtype=dtype)
-    hint = torch.rand(2, 3, size, size, dtype=dtype)
-    t = torch.full((2,), 501)
+def time_diffusers(models, cfg: ModelConfig, shape: Shape, dtype: torch.dtype, device: torch.device,
+                   steps: int) -> float:
+    inputs = step_inputs(cfg, shape.height, shape.width, dtype, device)
     times = []
     for _ in range(steps + 1):
+        synchronize(device)
         start = time.perf_counter()
-        down, mid = controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-        unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-             mid_block_additional_residual=mid, return_dict=False)
+        diffusers_step(*models, *inputs)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
+# ----------------------------------------------------------------------------------------------- OpenVINO
+
+
+class _FlatControlNet(torch.nn.Module):
+    """ControlNetModel with positional inputs and its 13 residuals as one flat tuple, for conversion."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, x, t, context, hint):
+        down, mid = self.controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        return (*down, mid)
+
+
+class _ControlledUNet(torch.nn.Module):
+    """UNet2DConditionModel taking the ControlNet's residuals as positional inputs, for conversion."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context, *residuals):
+        return self.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=residuals[:-1],
+                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+
+
+class OpenVINOStep:
+    """diffusers' two fp32 models converted to OpenVINO once, with dynamic spatial dimensions, then reshaped
+    to each static shape and compiled for the CPU (OpenVINO's CPU plugin runs static shapes fastest), the
+    inference precision forced to the row's (an AVX512_BF16 CPU would otherwise run fp32 rows in bf16), on as
+    many threads as torch uses."""
+
+    def __init__(self, unet, controlnet, cfg: ModelConfig):
+        import openvino as ov
+
+        self.cfg, self.core = cfg, ov.Core()
+        self.reference = (unet, controlnet)
+        self.expected: dict[Shape, torch.Tensor] = {}  # diffusers' fp32 eps per shape
+        latent = 8 * cfg.latent_factor  # a small example: 8x8 latents
+        x, t, context, hint = step_inputs(cfg, latent, latent, torch.float32, torch.device("cpu"))
+        flat_controlnet, controlled_unet = _FlatControlNet(controlnet), _ControlledUNet(unet)
+        with torch.inference_mode():
+            residuals = flat_controlnet(x, t, context, hint)
+
+        def spatial(tensor: torch.Tensor) -> ov.PartialShape:
+            return ov.PartialShape([*tensor.shape[:2], -1, -1])
+
+        start = time.perf_counter()
+        fixed = [ov.PartialShape(list(t.shape)), ov.PartialShape(list(context.shape))]
+        self.controlnet = ov.convert_model(flat_controlnet, example_input=(x, t, context, hint),
+                                           input=[spatial(x), *fixed, spatial(hint)])
+        self.unet = ov.convert_model(controlled_unet, example_input=(x, t, context, *residuals),
+                                     input=[spatial(x), *fixed, *map(spatial, residuals)])
+        self.convert_seconds = time.perf_counter() - start
+
+    def compile(self, shape: Shape, precision: str):
+        """(compiled ControlNet, compiled UNet, seconds it took) for one static shape."""
+        x, t, context, hint = step_inputs(self.cfg, shape.height, shape.width, torch.float32, torch.device("cpu"))
+        self.controlnet.reshape({self.controlnet.inputs[0]: list(x.shape),
+                                 self.controlnet.inputs[3]: list(hint.shape)})
+        residual_shapes = [list(output.get_shape()) for output in self.controlnet.outputs]
+        self.unet.reshape({self.unet.inputs[0]: list(x.shape),
+                           **{tensor: s for tensor, s in zip(self.unet.inputs[3:], residual_shapes)}})
+        config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        start = time.perf_counter()
+        compiled = [self.core.compile_model(model, "CPU", config) for model in (self.controlnet, self.unet)]
+        return *compiled, time.perf_counter() - start
+
+    def time(self, shape: Shape, precision: str, steps: int) -> tuple[float, float, float]:
+        """(median seconds per step after the first, seconds of compiling for the shape, the step's largest
+        deviation from diffusers' fp32 eps relative to its largest magnitude)."""
+        controlnet, unet, compiling = self.compile(shape, precision)
+        inputs = step_inputs(self.cfg, shape.height, shape.width, torch.float32, torch.device("cpu"))
+        x, t, context, hint = (tensor.numpy() for tensor in inputs)
+        control_request, unet_request = controlnet.create_infer_request(), unet.create_infer_request()
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            control_request.infer([x, t, context, hint])
+            residuals = [control_request.get_output_tensor(i) for i in range(len(controlnet.outputs))]
+            unet_request.infer([x, t, context, *residuals])  # OpenVINO tensors: passed without a copy
+            times.append(time.perf_counter() - start)
+        eps = torch.from_numpy(unet_request.get_output_tensor(0).data.copy())
+        if shape not in self.expected:
+            with torch.inference_mode():
+                self.expected[shape] = diffusers_step(*self.reference, *inputs)
+        expected = self.expected[shape]
+        deviation = float((eps - expected).abs().max() / expected.abs().max())
+        return statistics.median(times[1:]), compiling, deviation
+
+
+# -------------------------------------------------------------------------------------- machine, FLOPs, peak
+
+
 @torch.inference_mode()
-def step_flops(size: int) -> int:
+def step_flops(config: Path, shape: Shape) -> int:
     """FLOPs of one guided step (ControlNet + UNet at batch 2), counted by torch's flop counter on the meta
     device: there attention runs as plain matmuls (counted), and no layer is packed (the packed oneDNN ops
     have no flop formula). The standard step's count: ours skips the duplicated guidance rows before the
     first cross-attention (`unet.widen`), a few percent of it."""
-    latent = size // 8
+    cfg = load_config(config)
+    factor = cfg.latent_factor
+    height, width = shape.height // factor, shape.width // factor
     with torch.device("meta"):
-        model = ControlLDM(load_config(FULL_CONFIG))
-        x, context = torch.empty(2, 4, latent, latent), torch.empty(2, 77, 768)
-        t, hint = torch.empty(2, dtype=torch.long), torch.empty(2, 320, latent, latent)
+        model = ControlLDM(cfg)
+        x = torch.empty(GUIDANCE_BATCH, cfg.unet.in_channels, height, width)
+        context = torch.empty(GUIDANCE_BATCH, cfg.text.context_length, cfg.unet.context_dim)
+        t = torch.empty(GUIDANCE_BATCH, dtype=torch.long)
+        hint = torch.empty(GUIDANCE_BATCH, cfg.control.model_channels, height, width)
         counter = FlopCounterMode(display=False)
         with counter:
             model.model.diffusion_model(x, t, context, model.control_model(x, hint, t, context))
@@ -109,19 +345,51 @@ def step_flops(size: int) -> int:
 
 
 @torch.inference_mode()
-def machine_peak(dtype: torch.dtype) -> float:
-    """FLOP/s of the better of a large matmul and a UNet-like conv in this dtype, on this machine."""
-    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-    x, w = torch.randn(2, 640, 32, 32, dtype=dtype), torch.randn(640, 640, 3, 3, dtype=dtype)
+def machine_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of the better of a large matmul and a UNet-like conv in this dtype, on this device."""
+    a, b = (torch.randn(4096, 4096, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(2, 640, 32, 32, device=device, dtype=dtype)
+    w = torch.randn(640, 640, 3, 3, device=device, dtype=dtype)
+    repeats = 3 if device.type == "cpu" else 20
     best = 0.0
     for flops, fn in ((2 * 4096**3, lambda: a @ b),
                       (2 * 2 * 640 * 640 * 9 * 32 * 32, lambda: torch.nn.functional.conv2d(x, w, padding=1))):
         fn()
+        synchronize(device)
         start = time.perf_counter()
-        for _ in range(3):
+        for _ in range(repeats):
             fn()
-        best = max(best, 3 * flops / (time.perf_counter() - start))
+        synchronize(device)
+        best = max(best, repeats * flops / (time.perf_counter() - start))
     return best
+
+
+def cpu_description() -> str:
+    """Model name and the widest vector class that matters here (AMX > AVX-512 with bf16 > AVX-512 > AVX2)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = set(re.search(r"^flags\s*:\s*(.*)$", info, re.M)[1].split()) if "flags" in info else set()
+    vector = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "no AVX2")
+    return f"{name[1] if name else platform.processor() or platform.machine()}, flags class {vector}"
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
+
+
+def machine_header(device: torch.device) -> str:
+    line = (f"machine: {cpu_description()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), diffusers {package_version('diffusers')}, "
+            f"openvino {package_version('openvino')}")
+    if device.type == "cuda":
+        line += f"; GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    return line
+
+
+# ----------------------------------------------------------------------------------- start-up, drift, service
 
 
 def write_synthetic_checkpoint(path: Path) -> None:
@@ -136,14 +404,14 @@ def write_synthetic_checkpoint(path: Path) -> None:
     partial.rename(path)
 
 
-def weights_gib(precision: str) -> float:
+def weights_gib(config: Path, precision: str) -> float:
     """GiB of the weights a worker serves (the VAE encoder and other unused keys are never loaded)."""
     with torch.device("meta"):
-        count = sum(p.numel() for p in ControlLDM(load_config(FULL_CONFIG)).parameters())
+        count = sum(p.numel() for p in ControlLDM(load_config(config)).parameters())
     return count * PRECISIONS[precision].itemsize / 2**30
 
 
-def startup(precision: str) -> tuple[float, float, float]:
+def startup(checkpoint: Path, config: Path, device: str, precision: str) -> tuple[float, float, float]:
     """In a fresh process: (seconds from process start to a pipeline ready to serve, peak RSS GiB when ready,
     peak RSS GiB after serving one 256x256 request). In fp32 on CPU the weights stay memory-mapped, so
     they become resident only as the first request touches them."""
@@ -153,7 +421,7 @@ import numpy as np
 sys.path.insert(0, 'handler')
 from controlnet_canny.params import GenerationParams
 from controlnet_canny.pipeline import ControlNetCannyPipeline
-pipe = ControlNetCannyPipeline.load([{str(SYNTHETIC_CHECKPOINT)!r}], {str(FULL_CONFIG)!r}, 'cpu', {precision!r})
+pipe = ControlNetCannyPipeline.load([{str(checkpoint)!r}], {str(config)!r}, {device!r}, {precision!r})
 def peak_gib():  # VmHWM: unlike ru_maxrss, not inherited from the (large) benchmark process across fork+exec
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 2**20
 print('ready', peak_gib(), flush=True)
@@ -192,9 +460,7 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
         start = time.perf_counter()
         client.predict(image_path, fields).raise_for_status()
         served.append(time.perf_counter() - start)
-    pipe = ControlNetCannyPipeline.load(
-        [ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"], CONFIG_DIR / "cldm_tiny.yaml", "cpu", "fp32"
-    )
+    pipe = ControlNetCannyPipeline.load([TINY_CHECKPOINT], TINY_CONFIG, "cpu", "fp32")
     bare = []
     for _ in range(count):
         start = time.perf_counter()
@@ -206,81 +472,185 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
     return statistics.median(served), statistics.median(bare)
 
 
-def bf16_drift() -> dict[str, float]:
-    """Max and mean abs difference (uint8 levels) between fp32 and bf16 images of the tiny model, per setting."""
+def drift(device: torch.device) -> dict[str, tuple[float, float]]:
+    """Max and mean abs difference (uint8 levels) between the tiny model's images on CPU in fp32 and in each
+    other precision the device runs (on a GPU fp32 too), per setting."""
     import cv2
 
     image = cv2.cvtColor(cv2.imread(str(ROOT / "tests" / "data" / "house.png")), cv2.COLOR_BGR2RGB)
-    checkpoint = ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"
-    pipes = {p: ControlNetCannyPipeline.load([checkpoint], CONFIG_DIR / "cldm_tiny.yaml", "cpu", p) for p in ("fp32", "bf16")}
-    drift = {}
+    cpu = torch.device("cpu")
+    candidates = [(device, p) for p in ["fp32", *DEFAULT_PRECISIONS[device.type]] if (device, p) != (cpu, "fp32")]
+    pipes = {(d, p): ControlNetCannyPipeline.load([TINY_CHECKPOINT], TINY_CONFIG, d, p)
+             for d, p in [(cpu, "fp32"), *candidates]}
+    reference = pipes[cpu, "fp32"]
+    drifts = {}
     for label, extra in (("scale 9, 20 steps", {}), ("scale 1, 20 steps", {"scale": 1.0})):
         params = GenerationParams(prompt="a house", image_resolution=64, seed=1, **extra)
-        fp32, bf16 = (pipes[p].generate([pipes[p].prepare(image, params)]).images[0][0].astype(int) for p in pipes)
-        drift[label] = (float(np.abs(fp32 - bf16).max()), float(np.abs(fp32 - bf16).mean()))
-    return drift
+        expected = reference.generate([reference.prepare(image, params)]).images[0][0].astype(int)
+        for d, p in candidates:
+            got = pipes[d, p].generate([pipes[d, p].prepare(image, params)]).images[0][0].astype(int)
+            drifts[f"{label}, {d.type} {p} vs cpu fp32"] = (float(np.abs(got - expected).max()),
+                                                            float(np.abs(got - expected).mean()))
+    return drifts
 
 
-def main() -> None:
+# ------------------------------------------------------------------------------------------------- table
+
+
+def ratio(reference: float, value: float) -> str:
+    return f"{reference / value:.2f}x" if math.isfinite(reference / value) else "-"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "-"
+
+
+COLUMNS = [
+    "shape (HxW)", "photo W:H", "dtype", "ours s/step", "diffusers s/step", "OpenVINO s/step", "ours compiled s/step",
+    "compile s", "ours vs diffusers", "OpenVINO vs diffusers", "compiled vs diffusers", "ours s/image (20 steps)",
+    "step TFLOP", "ours % of peak", "backend",
+]
+
+
+def print_table(rows: list[dict[str, str]]) -> None:
+    """Markdown; the columns of COLUMNS that some row has."""
+    columns = [column for column in COLUMNS if any(column in row for row in rows)]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row.get(column, "-") for column in columns) + " |", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=sorted(PRECISIONS))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--config", type=Path, default=FULL_CONFIG, help="architecture YAML (default: cldm_v15.yaml)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint of that architecture; default for cldm_v15.yaml: "
+                        f"a synthetic one, written once to {SYNTHETIC_CHECKPOINT}")
+    parser.add_argument("--shapes", nargs="+", default=ASPECTS, type=aspect_ratio, metavar="W:H",
+                        help="aspect ratios of the input photo (landscape 4:3, portrait 3:4, ...); "
+                             "default 1:1 4:3 16:9 3:4")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image_resolution values")
+    parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS),
+                        help="default: fp32 bf16 on cpu, fp16 bf16 on cuda")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement (median of all but the first)")
-    parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step images")
+    parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step requests of ours")
     parser.add_argument("--no-diffusers", action="store_true")
-    parser.add_argument("--startup", action="store_true", help="checkpoint-to-ready time and peak RSS (writes a 5.7 GB file once)")
-    parser.add_argument("--drift", action="store_true", help="only report bf16's drift from fp32 on the tiny model")
+    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --device cuda: also time ours under torch.compile (compile time apart)")
+    parser.add_argument("--startup", action="store_true", help="checkpoint-to-ready time and peak RSS")
+    parser.add_argument("--drift", action="store_true", help="only report the drift of the tiny model's images from "
+                        "fp32 on CPU, for each other precision the device runs")
     parser.add_argument("--service", metavar="URL", help="only measure service overhead against a running "
                         "`make serve` (e.g. http://127.0.0.1:8080)")
     parser.add_argument("--key-file", type=Path, default=ROOT / "artifacts" / "serve" / "key_file.json")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device is usable here (torch {torch.__version__}, "
+                     f"built for CUDA {torch.version.cuda or 'none'})")
+    args.precisions = args.precisions or DEFAULT_PRECISIONS[args.device]
+    if args.device == "cpu" and "fp16" in args.precisions:
+        parser.error("fp16 is a CUDA precision; on CPU use fp32 or bf16")
+    if args.device == "cpu" and args.compile:
+        # inductor cannot lower the CPU backend's prepacked oneDNN weights ("weight must be a graph constant")
+        parser.error("--compile needs --device cuda (measured on CPU before: docs/benchmarks.md)")
+    args.no_openvino = args.no_openvino or args.device == "cuda"  # the CPU peer
+    if not args.no_openvino:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            parser.error("OpenVINO is not installed: pip install -r requirements-test.txt, or pass --no-openvino")
+    if args.checkpoint is None:
+        if args.config.resolve() != FULL_CONFIG.resolve():
+            parser.error("--checkpoint is needed with a --config other than cldm_v15.yaml")
+        args.checkpoint = SYNTHETIC_CHECKPOINT
+    args.device = torch.device(args.device)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.drift:
-        for label, (worst, mean) in bf16_drift().items():
-            print(f"tiny model, 64x64, {label}: bf16 vs fp32 images differ by at most {worst:.0f}, "
-                  f"on average {mean:.1f} uint8 levels")
+        for label, (worst, mean) in drift(args.device).items():
+            print(f"tiny model, 64x64, {label}: images differ by at most {worst:.0f}, on average {mean:.1f} uint8 levels")
         return
     if args.service:
         served, bare = service_overhead(args.service, args.key_file, count=20)
         print(f"tiny 64x64, 1 step, median of 20: through TorchServe {served * 1000:.0f} ms, "
               f"in-process {bare * 1000:.0f} ms, service overhead {(served - bare) * 1000:.0f} ms")
         return
+    if args.checkpoint == SYNTHETIC_CHECKPOINT and not SYNTHETIC_CHECKPOINT.exists():
+        log(f"writing the synthetic checkpoint {SYNTHETIC_CHECKPOINT} (once) ...")
+        write_synthetic_checkpoint(SYNTHETIC_CHECKPOINT)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    header = "| size | dtype | ours s/step | diffusers s/step | speed-up | ours s/image (20 steps) | step TFLOP | % of peak |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    device, cfg = args.device, load_config(args.config)
+    shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
+    rows: dict[tuple[str, Shape], dict[str, str]] = {}
+    times: dict[tuple[str, Shape], dict[str, float]] = {}
+    print(machine_header(device))
     for precision in args.precisions:
         dtype = PRECISIONS[precision]
-        if dtype == torch.float16:
-            continue  # CPU only here; fp16 is a CUDA precision
-        peak = machine_peak(dtype)
-        pipe = random_pipeline(dtype)
-        reference = None if args.no_diffusers else diffusers_models(dtype)
-        for size in args.sizes:
+        peak = machine_peak(dtype, device)
+        pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, device, precision)
+        reference = None if args.no_diffusers else diffusers_models(cfg, dtype, device)
+        for shape in shapes:
             # Alternated, twice, best median of each: a slow spell of a shared machine hits both sides.
             ours, theirs = [], []
             for _ in range(ROUNDS):
-                ours.append(time_ours(pipe, size, args.steps)[0])
+                ours.append(time_ours(pipe, shape, args.steps)[0])
                 if reference:
-                    theirs.append(time_diffusers(*reference, size, dtype, args.steps))
-            ours, ref = min(ours), min(theirs, default=float("nan"))
-            whole = time_ours(pipe, size, 20)[1] if args.whole_image else float("nan")
-            flops = step_flops(size)
-            print(f"| {size} | {precision} | {ours:.2f} | {ref:.2f} | {ref / ours:.2f}x | {whole:.1f} | "
-                  f"{flops / 1e12:.2f} | {100 * flops / ours / peak:.0f}% of {peak / 1e12:.2f} TFLOP/s |", flush=True)
-        del pipe, reference
+                    theirs.append(time_diffusers(reference, cfg, shape, dtype, device, args.steps))
+            measured = times[precision, shape] = {"ours": min(ours), "diffusers": min(theirs, default=math.nan)}
+            whole = time_ours(pipe, shape, 20)[1] if args.whole_image else math.nan
+            flops = step_flops(args.config, shape)
+            rows[precision, shape] = {
+                "shape (HxW)": shape.label, "photo W:H": shape.photo_label, "dtype": precision,
+                "ours s/step": seconds(measured["ours"]), "diffusers s/step": seconds(measured["diffusers"]),
+                "ours vs diffusers": ratio(measured["diffusers"], measured["ours"]),
+                "ours s/image (20 steps)": seconds(whole),
+                "step TFLOP": f"{flops / 1e12:.3g}",
+                "ours % of peak": f"{100 * flops / measured['ours'] / peak:.0f}% of {peak / 1e12:.2f} TFLOP/s",
+                "backend": backend_summary(pipe),
+            }
+            log(f"{shape.label} {precision}: ours {measured['ours']:.3f} s/step, diffusers {measured['diffusers']:.3f}")
+        del reference
+        if args.compile:
+            compile_networks(pipe)
+            for shape in shapes:
+                step, compiling = time_compiled(pipe, shape, args.steps)
+                rows[precision, shape].update({
+                    "ours compiled s/step": seconds(step), "compile s": seconds(compiling),
+                    "compiled vs diffusers": ratio(times[precision, shape]["diffusers"], step),
+                })
+                log(f"{shape.label} {precision}: ours compiled {step:.3f} s/step after {compiling:.1f} s of compiling")
+        del pipe
         gc.collect()
+
+    if not args.no_openvino:
+        openvino = OpenVINOStep(*diffusers_models(cfg, torch.float32, device), cfg)
+        log(f"diffusers' models converted to OpenVINO in {openvino.convert_seconds:.1f} s")
+        for precision in args.precisions:
+            for shape in shapes:
+                step, compiling, deviation = openvino.time(shape, precision, args.steps)
+                rows[precision, shape].update({
+                    "OpenVINO s/step": seconds(step),
+                    "OpenVINO vs diffusers": ratio(times[precision, shape]["diffusers"], step),
+                })
+                log(f"{shape.label} {precision}: OpenVINO {step:.3f} s/step (compiled in {compiling:.1f} s); its eps "
+                    f"deviates from diffusers' fp32 by {deviation:.1e} of its largest magnitude")
+        del openvino
+        gc.collect()
+
+    print_table(list(rows.values()))
     print(f"peak RSS of this process: {peak_rss_gib():.1f} GiB")
     if args.startup:
-        if not SYNTHETIC_CHECKPOINT.exists():
-            write_synthetic_checkpoint(SYNTHETIC_CHECKPOINT)
-        size_gib = SYNTHETIC_CHECKPOINT.stat().st_size / 2**30
-        print(f"\nstart-up from {SYNTHETIC_CHECKPOINT} ({size_gib:.1f} GiB):")
+        size_gib = args.checkpoint.stat().st_size / 2**30
+        print(f"\nstart-up from {args.checkpoint} ({size_gib:.1f} GiB):")
         for precision in args.precisions:
-            seconds, ready_rss, served_rss = startup(precision)
-            weights = weights_gib(precision)
-            print(f"  {precision}: ready in {seconds:.1f} s; peak RSS {ready_rss:.2f} GiB when ready, {served_rss:.2f} GiB "
+            ready, ready_rss, served_rss = startup(args.checkpoint, args.config, device.type, precision)
+            weights = weights_gib(args.config, precision)
+            print(f"  {precision}: ready in {ready:.1f} s; peak RSS {ready_rss:.2f} GiB when ready, {served_rss:.2f} GiB "
                   f"after one 256x256 request = {served_rss / weights:.2f}x the {weights:.2f} GiB of weights")
 
 

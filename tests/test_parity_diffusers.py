@@ -11,6 +11,7 @@ Sizes are tiny (64x64 images, 8x8 latents) so the module runs in seconds on two 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import numpy as np
@@ -41,6 +42,8 @@ from controlnet_canny.text_encoder import tokenize  # noqa: E402
 TOL = 1e-3
 SCALE_FACTOR = 0.18215
 INV_SCALE = float(np.float32(1.0 / SCALE_FACTOR))  # spec section 2: one float32 factor, multiplied
+# scripts/gpu_check.sh runs this module on a GPU: CONTROLNET_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("CONTROLNET_TEST_DEVICE", "cpu"))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,8 +76,21 @@ def original_state(tiny_checkpoint) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_pipeline):
-    return tiny_pipeline.model
+def pipeline(tiny_pipeline, tiny_checkpoint):
+    if DEVICE.type == "cpu":
+        yield tiny_pipeline
+        return
+    from controlnet_canny.pipeline import ControlNetCannyPipeline
+
+    # fp32 means fp32 here: cuDNN would run the convolutions of both sides in TF32 by default
+    allow_tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    yield ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, DEVICE, "fp32")
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+@pytest.fixture(scope="module")
+def model(pipeline):
+    return pipeline.model
 
 
 def _unet_config(original_yaml) -> dict:
@@ -114,7 +130,7 @@ def _converted(model_class, config: dict, converter, original_state: dict):
     """A diffusers model built from `config`, loaded strictly with diffusers' own conversion of the original keys."""
     model = model_class(**config).eval()
     model.load_state_dict(converter(original_state, config), strict=True)
-    return model
+    return model.to(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +208,7 @@ def hf_text_encoder(original_state) -> CLIPTextModel:
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     converted = {k: v for k, v in converted.items() if not k.endswith("embeddings.position_ids")}
     encoder.load_state_dict(converted, strict=True)
-    return encoder
+    return encoder.to(DEVICE)
 
 
 def _hf_context(encoder: CLIPTextModel, ids: torch.Tensor) -> torch.Tensor:
@@ -230,7 +246,7 @@ def test_text_encoder_matches_clip_text_model(model, hf_text_encoder):
         tokenize(""),
         tokenize("a house, best quality, extremely detailed"),
         torch.randint(0, 49408, (77,), generator=torch.Generator().manual_seed(0)).tolist(),
-    ])
+    ]).to(DEVICE)
     with torch.inference_mode():
         ours = model.cond_stage_model.transformer.text_model(ids)
         theirs = _hf_context(hf_text_encoder, ids)
@@ -246,7 +262,7 @@ def _control_inputs(batch: int = 2, seed: int = 1):
     hint = (torch.rand(batch, 3, 64, 64, generator=g) > 0.8).float()  # edge-map-like 0/1 image
     t = torch.tensor([951, 1][:batch])
     context = torch.randn(batch, 77, 32, generator=g)
-    return x, hint, t, context
+    return x.to(DEVICE), hint.to(DEVICE), t.to(DEVICE), context.to(DEVICE)
 
 
 def test_controlnet_residuals_match(model, diffusers_controlnet):
@@ -267,8 +283,8 @@ def test_unet_eps_with_control_matches(model, diffusers_unet):
     g = torch.Generator().manual_seed(3)
     unet = model.model.diffusion_model
     with torch.inference_mode():
-        shapes = [r.shape for r in model.control_model(x, torch.zeros(2, 32, 8, 8), t, context)]
-        control = [0.5 * torch.randn(s, generator=g) for s in shapes]
+        shapes = [r.shape for r in model.control_model(x, torch.zeros(2, 32, 8, 8, device=DEVICE), t, context)]
+        control = [0.5 * torch.randn(s, generator=g).to(DEVICE) for s in shapes]
         ours = unet(x, t, context, control)
         theirs = diffusers_unet(
             x, t, encoder_hidden_states=context,
@@ -282,7 +298,7 @@ def test_unet_eps_with_control_matches(model, diffusers_unet):
 
 
 def test_vae_decode_matches(model, diffusers_vae, tiny_checkpoint):
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     with torch.inference_mode():
         ours = model.first_stage_model.decode(latents)
         # Scaled the same way (one float32 factor, multiplied), not diffusers' `latents / scaling_factor`.
@@ -292,7 +308,7 @@ def test_vae_decode_matches(model, diffusers_vae, tiny_checkpoint):
     # ... as float64 shows (our VAE has no float32 upcasts, so it runs in float64 as is): observed ~1e-14.
     with torch.device("meta"):
         ours64 = ControlLDM(load_config(TINY_CONFIG))
-    load_weights(ours64, [tiny_checkpoint], torch.device("cpu"), torch.float64)  # plain layers: float64 packs not
+    load_weights(ours64, [tiny_checkpoint], DEVICE, torch.float64)  # plain layers: float64 packs not
     ours64, theirs64 = ours64.first_stage_model, copy.deepcopy(diffusers_vae).double()
     with torch.inference_mode():
         assert_close(ours64.decode(latents.double()), theirs64.decode(latents.double() * INV_SCALE).sample,
@@ -364,7 +380,7 @@ class DiffusersGuidedEps:
 
 @pytest.mark.parametrize("guess_mode", [False, True], ids=["normal", "guess_mode"])
 def test_full_ddim_run_with_guidance_matches(
-    tiny_pipeline, house_image, hf_text_encoder, diffusers_unet, diffusers_controlnet, diffusers_vae, monkeypatch,
+    pipeline, house_image, hf_text_encoder, diffusers_unet, diffusers_controlnet, diffusers_vae, monkeypatch,
     guess_mode,
 ):
     """`generate` end to end (2 samples, CFG scale 9, strength 0.8, 20 steps, eta 0) vs diffusers' DDIMScheduler
@@ -383,7 +399,7 @@ def test_full_ddim_run_with_guidance_matches(
         prompt="a red house", num_samples=2, image_resolution=64, ddim_steps=20, strength=0.8, scale=9.0,
         seed=1234, eta=0.0, guess_mode=guess_mode,
     )
-    prepared = tiny_pipeline.prepare(house_image, params)
+    prepared = pipeline.prepare(house_image, params)
     assert prepared.edge_map.shape == (64, 64) and prepared.edge_map.any()
 
     # Record what our sampler feeds its eps model at every step (x_k, t_k) and what it returns at the end.
@@ -401,21 +417,21 @@ def test_full_ddim_run_with_guidance_matches(
         return out
 
     monkeypatch.setattr(ddim, "sample_ddim", recording_sample_ddim)
-    result = tiny_pipeline.generate([prepared])
+    result = pipeline.generate([prepared])
     ours_images = np.stack(result.images[0])
     (ours_final,) = finals
     assert [int(t[0]) for _, t in steps] == ddim.ddim_timesteps(20)[::-1] and result.steps == 20
 
     n = params.num_samples
     with torch.inference_mode():
-        cond = _hf_context(hf_text_encoder, torch.tensor([tokenize(params.prompt + ", " + params.a_prompt)] * n))
-        uncond = _hf_context(hf_text_encoder, torch.tensor([tokenize(params.n_prompt)] * n))
-        hint = torch.from_numpy(prepared.edge_map).float().div(255.0)[None, None].repeat(n, 3, 1, 1)
+        cond = _hf_context(hf_text_encoder, torch.tensor([tokenize(params.prompt + ", " + params.a_prompt)] * n).to(DEVICE))
+        uncond = _hf_context(hf_text_encoder, torch.tensor([tokenize(params.n_prompt)] * n).to(DEVICE))
+        hint = torch.from_numpy(prepared.edge_map).float().div(255.0)[None, None].repeat(n, 3, 1, 1).to(DEVICE)
         scales = [params.strength * 0.825 ** (12 - i) for i in range(13)] if guess_mode else [params.strength] * 13
         models = (diffusers_unet, diffusers_controlnet, cond, uncond, hint, scales, params.scale, guess_mode)
         noise = torch.cat([
             torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(params.seed + i)) for i in range(n)
-        ])
+        ]).to(DEVICE)
         assert torch.equal(steps[0][0], noise)  # same x_T: per-sample CPU generators seeded seed + i
 
         # 1. Teacher forcing: from OUR x_k, diffusers' guided eps and DDIMScheduler step must land on OUR x_{k+1}.
@@ -426,7 +442,7 @@ def test_full_ddim_run_with_guidance_matches(
         step_diffs = []
         for k, (x, t) in enumerate(steps):
             ours_next = steps[k + 1][0] if k + 1 < len(steps) else ours_final
-            theirs_next = scheduler.step(eps_model(x, t[0]), t[0], x, eta=0.0).prev_sample
+            theirs_next = scheduler.step(eps_model(x, t[0]), int(t[0]), x, eta=0.0).prev_sample
             step_diffs.append(assert_close(ours_next, theirs_next, what=f"DDIM step {k} (t={int(t[0])})"))
 
         # 2. Free-running from the same x_T, rounding noise sources aligned.
@@ -446,7 +462,7 @@ def test_full_ddim_run_with_guidance_matches(
     assert ours_final.shape == (2, 4, 8, 8)
     assert max_diff(ours_final[0], ours_final[1]) > 1e-1  # different seeds, different samples
     assert_close(ours_final, latents, what="final latents, free-running")
-    theirs_images = (decoded.permute(0, 2, 3, 1) * 127.5 + 127.5).numpy().clip(0, 255).astype(np.uint8)
+    theirs_images = (decoded.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)
     # Floats agree to ~1e-5, but truncation to uint8 may flip a level at an integer boundary.
     level_diff = np.abs(ours_images.astype(int) - theirs_images.astype(int))
     assert level_diff.max() <= 1 and (level_diff == 0).mean() > 0.99
