@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "handler"))
 
+from controlnet_canny.backends import BackendOptions  # noqa: E402
 from controlnet_canny.config import CONFIG_DIR, ModelConfig, UNetConfig, load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
 from controlnet_canny.params import GenerationParams  # noqa: E402
@@ -506,8 +507,8 @@ def seconds(value: float) -> str:
 
 
 COLUMNS = [
-    "shape (HxW)", "photo W:H", "dtype", "ours s/step", "diffusers s/step", "OpenVINO s/step", "ours compiled s/step",
-    "compile s", "ours vs diffusers", "OpenVINO vs diffusers", "compiled vs diffusers", "ours s/image (20 steps)",
+    "shape (HxW)", "photo W:H", "dtype", "ours s/step", "plain s/step", "diffusers s/step", "OpenVINO s/step",
+    "ours compiled s/step", "compile s", "ours vs plain", "ours vs diffusers", "OpenVINO vs diffusers", "compiled vs diffusers", "ours s/image (20 steps)",
     "step TFLOP", "ours % of peak", "backend",
 ]
 
@@ -536,6 +537,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement (median of all but the first)")
     parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step requests of ours")
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--no-plain", action="store_true", help="skip ours with every backend lever off "
+                        "(prepack none, torch attention)")
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="with --device cuda: also time ours under torch.compile (compile time apart)")
@@ -593,28 +596,38 @@ def main() -> None:
         dtype = PRECISIONS[precision]
         peak = machine_peak(dtype, device)
         pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, device, precision)
+        log(f"{precision}: backend {backend_summary(pipe)}")
+        # The same pipeline with every backend lever off: what no request shape may be slower than.
+        plain = None if args.no_plain else ControlNetCannyPipeline.load(
+            [args.checkpoint], args.config, device, precision, BackendOptions(prepack="none", attention="torch"))
         reference = None if args.no_diffusers else diffusers_models(cfg, dtype, device)
         for shape in shapes:
-            # Alternated, twice, best median of each: a slow spell of a shared machine hits both sides.
-            ours, theirs = [], []
+            # Alternated, twice, best median of each: a slow spell of a shared machine hits every side.
+            ours, bare, theirs = [], [], []
             for _ in range(ROUNDS):
                 ours.append(time_ours(pipe, shape, args.steps)[0])
+                if plain:
+                    bare.append(time_ours(plain, shape, args.steps)[0])
                 if reference:
                     theirs.append(time_diffusers(reference, cfg, shape, dtype, device, args.steps))
-            measured = times[precision, shape] = {"ours": min(ours), "diffusers": min(theirs, default=math.nan)}
+            measured = times[precision, shape] = {"ours": min(ours), "plain": min(bare, default=math.nan),
+                                                  "diffusers": min(theirs, default=math.nan)}
             whole = time_ours(pipe, shape, 20)[1] if args.whole_image else math.nan
             flops = step_flops(args.config, shape)
             rows[precision, shape] = {
                 "shape (HxW)": shape.label, "photo W:H": shape.photo_label, "dtype": precision,
-                "ours s/step": seconds(measured["ours"]), "diffusers s/step": seconds(measured["diffusers"]),
+                "ours s/step": seconds(measured["ours"]), "plain s/step": seconds(measured["plain"]),
+                "diffusers s/step": seconds(measured["diffusers"]),
+                "ours vs plain": ratio(measured["plain"], measured["ours"]),
                 "ours vs diffusers": ratio(measured["diffusers"], measured["ours"]),
                 "ours s/image (20 steps)": seconds(whole),
                 "step TFLOP": f"{flops / 1e12:.3g}",
                 "ours % of peak": f"{100 * flops / measured['ours'] / peak:.0f}% of {peak / 1e12:.2f} TFLOP/s",
                 "backend": backend_summary(pipe),
             }
-            log(f"{shape.label} {precision}: ours {measured['ours']:.3f} s/step, diffusers {measured['diffusers']:.3f}")
-        del reference
+            log(f"{shape.label} {precision}: ours {measured['ours']:.3f} s/step, plain {measured['plain']:.3f}, "
+                f"diffusers {measured['diffusers']:.3f}")
+        del reference, plain
         if args.compile:
             compile_networks(pipe)
             for shape in shapes:
