@@ -26,7 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from conftest import TINY_CONFIG  # noqa: E402
-from controlnet_canny import ddim  # noqa: E402
+from controlnet_canny import ddim, samplers  # noqa: E402
 from controlnet_canny.checkpoint import load_weights, read_state_dict  # noqa: E402
 from controlnet_canny.config import load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
@@ -389,18 +389,20 @@ def test_full_ddim_run_with_guidance_matches(
     # Record what our sampler feeds its eps model at every step (x_k, t_k) and what it returns at the end.
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []
     finals: list[torch.Tensor] = []
-    original_sample_ddim = ddim.sample_ddim
+    original_model_input, original_result = samplers.model_input, samplers.result
 
-    def recording_sample_ddim(eps_model, x, *args, **kwargs):
-        def recording_eps(x, t):
-            steps.append((x.detach().clone(), t.detach().clone()))
-            return eps_model(x, t)
+    def recording_model_input(plan, state):
+        x, t = original_model_input(plan, state)
+        steps.append((x.detach().clone(), t.detach().clone()))
+        return x, t
 
-        out = original_sample_ddim(recording_eps, x, *args, **kwargs)
+    def recording_result(plan, state):
+        out = original_result(plan, state)
         finals.append(out.detach().clone())
         return out
 
-    monkeypatch.setattr(ddim, "sample_ddim", recording_sample_ddim)
+    monkeypatch.setattr(samplers, "model_input", recording_model_input)
+    monkeypatch.setattr(samplers, "result", recording_result)
     result = tiny_pipeline.generate([prepared])
     ours_images = np.stack(result.images[0])
     (ours_final,) = finals
