@@ -81,8 +81,6 @@ class Limits:
     high_threshold: tuple[int, int] = (1, 255)
     guidance_start: tuple[float, float] = (0.0, 1.0)
     guidance_end: tuple[float, float] = (0.0, 1.0)
-    width: tuple[int, int] = (256, 768)  # or 0: the reference's size
-    height: tuple[int, int] = (256, 768)
     denoising_strength: tuple[float, float] = (0.0, 1.0)
 
     @classmethod
@@ -96,7 +94,7 @@ class Limits:
 
 _TEXT_FIELDS = ("prompt", "a_prompt", "n_prompt")
 CHOICES = {"sampler": SAMPLERS, "control_mode": CONTROL_MODES, "resize_mode": RESIZE_MODES}
-_SIZE_FIELDS = ("width", "height")  # 0 is allowed besides the range: the reference's size
+_SIZE_FIELDS = ("width", "height")  # 0 (the reference's size) or within the image_resolution limits
 _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -171,7 +169,7 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
             continue
         parsed = {"int": _as_int, "float": _as_float, "bool": as_bool}[kind](name, value)
         if kind != "bool":
-            low, high = getattr(limits, name)
+            low, high = getattr(limits, "image_resolution" if name in _SIZE_FIELDS else name)
             if name in _SIZE_FIELDS and parsed == 0:
                 values[name] = parsed
                 continue
