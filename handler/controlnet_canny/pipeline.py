@@ -254,9 +254,8 @@ class ControlNetCannyPipeline:
             hints.to(self.device, torch.float32).div(255.0).to(self.dtype)).split(1)))
         mode = first.effective_control_mode
         scales = torch.tensor(per_sample([control_scales(p.params.strength, mode != "balanced") for p in batch]),
-                              dtype=self.dtype).to(self.device, non_blocking=True)
-        guidance = torch.tensor(per_sample([p.params.scale for p in batch]))[:, None, None, None].to(
-            self.device, non_blocking=True)
+                              dtype=self.dtype).to(self.device)
+        guidance = torch.tensor(per_sample([p.params.scale for p in batch]))[:, None, None, None].to(self.device)
         img2img = batch[0].init_image is not None
         plans = [samplers.plan(
             first.sampler, first.ddim_steps, self.alphas_cumprod, karras=first.karras,
