@@ -251,7 +251,7 @@ def sweep(client: Client, args: argparse.Namespace) -> None:
                 (args.out / name).write_bytes(base64.b64decode(png))
                 lines.append(json.dumps({
                     "item": key, "file": name, "sample_index": index, **parameters, "seed": parameters["seeds"][index],
-                    "control_fidelity": (parameters.get("control_fidelity") or [None] * (index + 1))[index],
+                    "control_fidelity": parameters["control_fidelity"][index],
                     "request": fields, "image": str(images["image"]) if "image" in images else None,
                     **{f"{name}_file": str(images[name]) for name in IMAGE_OPTIONS[1:] if name in images},
                 }))
