@@ -36,6 +36,8 @@ def sd15_scheduler(sampler: str, **options):
     return DIFFUSERS[sampler].from_config(SD15_SCHEDULER_CONFIG, **options)
 
 
+# diffusers 0.42's set_timesteps calls np.array(tensor) in a way numpy 2 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 LATENT_SHAPE = (1, 4, 8, 8)
 TOL = 1e-5
 
