@@ -226,6 +226,8 @@ def test_noise_draws():
     (dict(steps=0), "steps"),
     (dict(steps=1001), "steps"),
     (dict(steps=2.5), "steps"),
+    (dict(sampler="dpmpp_2m", steps=1000), "steps"),
+    (dict(sampler="unipc", steps=1000), "steps"),
     (dict(sampler="ddim", karras=True), "karras"),
     (dict(sampler="euler_a", karras=True), "karras"),
     (dict(sampler="dpmpp_2m", eta=0.5), "eta"),
@@ -239,6 +241,15 @@ def test_plan_rejects(arguments, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         samplers.plan(arguments.pop("sampler"), arguments.pop("steps"), ddim.alphas_cumprod(0.00085, 0.012, 1000),
                       **arguments)
+
+
+@pytest.mark.parametrize("sampler,karras,steps", [
+    ("ddim", False, 1000), ("dpmpp_2m", False, 999), ("dpmpp_2m", True, 999), ("euler_a", False, 1000),
+    ("unipc", False, 999), ("unipc", True, 999),
+])
+def test_longest_plans_stay_finite(sampler, karras, steps):
+    plan = samplers.plan(sampler, steps, ddim.alphas_cumprod(0.00085, 0.012, 1000), karras=karras)
+    assert torch.isfinite(run_ours(plan, row_wise_eps, generators([0]))[1][-1]).all()
 
 
 def test_misuse_is_an_error():

@@ -91,8 +91,10 @@ def plan(
     train_timesteps = len(alphas_cumprod)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_timesteps:
-        raise ValueError(f"steps must be an integer in [1, {train_timesteps}], got {steps!r}")
+    # The multistep samplers' rounded "linspace" timesteps repeat beyond train_timesteps - 1 steps (h = 0).
+    max_steps = train_timesteps - 1 if sampler in ("dpmpp_2m", "unipc") else train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps:
+        raise ValueError(f"steps must be an integer in [1, {max_steps}] for {sampler}, got {steps!r}")
     if karras and sampler not in KARRAS_SAMPLERS:
         raise ValueError(f"karras applies to {' and '.join(KARRAS_SAMPLERS)} only, not to {sampler}")
     if not 0.0 <= eta <= 1.0:
