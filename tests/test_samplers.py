@@ -36,6 +36,8 @@ def sd15_scheduler(sampler: str, **options):
     return DIFFUSERS[sampler].from_config(SD15_SCHEDULER_CONFIG, **options)
 
 
+# diffusers 0.42's set_timesteps calls np.array(tensor) in a way numpy 2 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 LATENT_SHAPE = (1, 4, 8, 8)
 TOL = 1e-5
 
@@ -224,6 +226,8 @@ def test_noise_draws():
     (dict(steps=0), "steps"),
     (dict(steps=1001), "steps"),
     (dict(steps=2.5), "steps"),
+    (dict(sampler="dpmpp_2m", steps=1000), "steps"),
+    (dict(sampler="unipc", steps=1000), "steps"),
     (dict(sampler="ddim", karras=True), "karras"),
     (dict(sampler="euler_a", karras=True), "karras"),
     (dict(sampler="dpmpp_2m", eta=0.5), "eta"),
@@ -237,6 +241,15 @@ def test_plan_rejects(arguments, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         samplers.plan(arguments.pop("sampler"), arguments.pop("steps"), ddim.alphas_cumprod(0.00085, 0.012, 1000),
                       **arguments)
+
+
+@pytest.mark.parametrize("sampler,karras,steps", [
+    ("ddim", False, 1000), ("dpmpp_2m", False, 999), ("dpmpp_2m", True, 999), ("euler_a", False, 1000),
+    ("unipc", False, 999), ("unipc", True, 999),
+])
+def test_longest_plans_stay_finite(sampler, karras, steps):
+    plan = samplers.plan(sampler, steps, ddim.alphas_cumprod(0.00085, 0.012, 1000), karras=karras)
+    assert torch.isfinite(run_ours(plan, row_wise_eps, generators([0]))[1][-1]).all()
 
 
 def test_misuse_is_an_error():

@@ -25,7 +25,8 @@ timestep_spacing "linspace", prediction_type "epsilon", solver_order 2, final_si
 lower_order_final True; dpmpp_2m: algorithm_type "dpmsolver++", solver_type "midpoint"; unipc: predict_x0
 True, solver_type "bh2", no disabled corrector steps); `karras=True` is their use_karras_sigmas=True.
 img2img follows diffusers' img2img pipelines: of S steps the last min(int(S * strength), S) are run, from the
-init latents noised (the scheduler's add_noise) to the first of them.
+init latents noised (the scheduler's add_noise) to the first of them. For DDIM, S is the number of the
+reference's timesteps (31 for 30 steps; `ddim.ddim_timesteps`).
 
 The scheduler coefficients are computed in float32 the way diffusers computes them, so that the same eps gives
 the same latents to a few ulp; the reference's DDIM keeps its float64-derived ones.
@@ -90,8 +91,10 @@ def plan(
     train_timesteps = len(alphas_cumprod)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_timesteps:
-        raise ValueError(f"steps must be an integer in [1, {train_timesteps}], got {steps!r}")
+    # The multistep samplers' rounded "linspace" timesteps repeat beyond train_timesteps - 1 steps (h = 0).
+    max_steps = train_timesteps - 1 if sampler in ("dpmpp_2m", "unipc") else train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps:
+        raise ValueError(f"steps must be an integer in [1, {max_steps}] for {sampler}, got {steps!r}")
     if karras and sampler not in KARRAS_SAMPLERS:
         raise ValueError(f"karras applies to {' and '.join(KARRAS_SAMPLERS)} only, not to {sampler}")
     if not 0.0 <= eta <= 1.0:
@@ -227,7 +230,7 @@ def _euler_ancestral_step(plan: Plan, state: State, eps: torch.Tensor, noise: to
     """Ancestral Euler in sigma space (x = x0 + sigma eps), as k-diffusion's sample_euler_ancestral (eta 1):
     an Euler step of the probability-flow ODE dx/dsigma = (x - x0)/sigma (Karras et al. 2022, eq. 3) down to
     sigma_down, then fresh noise of scale sigma_up, where sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) /
-    sigma^2 and sigma_down^2 = sigma_next^2 - sigma_up^2 (the DDPM posterior's variance)."""
+    sigma^2 (the DDPM posterior's noise) and sigma_down^2 = sigma_next^2 - sigma_up^2."""
     sigma, sigma_next = plan.sigmas[state.index], plan.sigmas[state.index + 1]
     x0 = state.x - sigma * eps
     sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
