@@ -127,7 +127,7 @@ def test_attention_over_231_keys_matches_plain_attention(tiny_pipeline):
     that is not a multiple of its key tile."""
     attend = tiny_pipeline.model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.attend
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 64, 32, generator=g), torch.randn(2, 231, 32, generator=g), torch.randn(2, 231, 32, generator=g)
+    q, k, v = (torch.randn(2, tokens, 32, generator=g) for tokens in (64, 231, 231))
     ours, plain = attend(q, k, v, 8), multihead_attention(q, k, v, 8)
     assert ours.shape == (2, 64, 32) and (ours - plain).abs().max() < 1e-5
 

@@ -125,9 +125,10 @@ class Encoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         # RGB in as out: the reference's ddconfig `in_channels` equals `out_ch` (3).
         self.conv_in = nn.Conv2d(cfg.out_ch, cfg.ch, 3, padding=1)
-        # down[i] works at width widths[i]; all but the deepest halve the resolution.
+        # down[i] takes the previous level's width to widths[i]; all but the deepest halve the resolution.
+        in_widths = [cfg.ch, *widths[:-1]]
         self.down = nn.ModuleList(
-            DownLevel(cfg.ch if i == 0 else widths[i - 1], widths[i], cfg.num_res_blocks, downsample=i != len(widths) - 1)
+            DownLevel(in_widths[i], widths[i], cfg.num_res_blocks, downsample=i != len(widths) - 1)
             for i in range(len(widths))
         )
         self.mid = MidBlock(widths[-1])
@@ -215,14 +216,14 @@ class VAEEncoder(nn.Module):
         (N = 1) may be sampled for several generators: each row is its own sample of that image's posterior,
         as diffusers' repeated image gives.
         """
-        mean, std = self.posterior(images)
+        latents, std = self.posterior(images)
         if generators is not None:
-            if mean.shape[0] not in (1, len(generators)):
-                raise ValueError(f"{len(generators)} generators for {mean.shape[0]} images: give one per image, "
+            if latents.shape[0] not in (1, len(generators)):
+                raise ValueError(f"{len(generators)} generators for {latents.shape[0]} images: give one per image, "
                                  "or one image")
-            noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
-            mean = mean + std * noise.to(mean.device)
-        return mean * self.scale_factor
+            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in generators])
+            latents = latents + std * noise.to(latents.device)
+        return latents * self.scale_factor
 
 
 def load_encoder(
@@ -233,8 +234,9 @@ def load_encoder(
     Loaded apart from the rest of the model, when the first img2img request needs it, rather than always:
     text-to-image (the reference path, and every request without an init image) never runs it, and it is
     34.2M parameters (137 MB in fp32, 68 MB in bf16) that a worker would otherwise hold for nothing. The
-    cost moves to that first img2img request (reading those weights from the memory-mapped file), and a
-    worker's memory grows by that figure once, then stays. A checkpoint without the encoder's keys serves
+    cost moves to that first img2img request, which reads those weights from the memory-mapped files
+    (measured for SD 1.5's encoder from .safetensors on a busy 2-core machine: 1.1 s, +135 MiB resident), and
+    a worker's memory grows by that figure once, then stays. A checkpoint without the encoder's keys serves
     text-to-image as before and fails only here, naming the keys.
     """
     with torch.device("meta"):
