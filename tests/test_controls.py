@@ -197,6 +197,13 @@ def test_img2img_strength_without_steps_refused(tiny_pipeline, house_image):
     assert err.value.field == "denoising_strength"
 
 
+def test_steps_a_sampler_cannot_take_refused(tiny_pipeline, house_image):
+    with pytest.raises(ParamError) as err:
+        tiny_pipeline.prepare(house_image, _params(sampler="dpmpp_2m", ddim_steps=1000))
+    assert err.value.field == "ddim_steps" and "999" in err.value.message
+    assert tiny_pipeline.prepare(house_image, _params(ddim_steps=1000)).params.ddim_steps == 1000  # ddim can
+
+
 def test_img2img_batched_equal_alone(tiny_pipeline, house_image):
     init = house_image[::-1].copy()
     params = dict(ddim_steps=4, denoising_strength=0.75, eta=0.5)

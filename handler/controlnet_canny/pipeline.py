@@ -171,15 +171,20 @@ class ControlNetCannyPipeline:
             edges = canny(resized, params.low_threshold, params.high_threshold)
         if control_image is not None:
             edges = fit(control_image, height, width, mode if params.width else "just_resize", is_map=True)
-        init = None
-        if init_image is not None:
-            init = fit(init_image, height, width, mode)
-            try:  # a strength that keeps no step of the schedule is the client's mistake
-                samplers.plan(params.sampler, params.ddim_steps, self.alphas_cumprod, karras=params.karras,
-                              denoising_strength=params.denoising_strength)
-            except ValueError as err:
-                raise ParamError("denoising_strength", str(err)) from None
+        init = fit(init_image, height, width, mode) if init_image is not None else None
+        self._check_plan(params, init is not None)
         return Prepared(params, resized, edges, init, *self._prompt_length(params))
+
+    def _check_plan(self, params: GenerationParams, img2img: bool) -> None:
+        """Steps a sampler cannot take (dpmpp_2m beyond 999), or an img2img strength that keeps no step, are the
+        client's mistakes: refused here, naming the field, rather than failing the sampler batch."""
+        checks = [("ddim_steps", 1.0)] + ([("denoising_strength", params.denoising_strength)] if img2img else [])
+        for field, strength in checks:
+            try:
+                samplers.plan(params.sampler, params.ddim_steps, self.alphas_cumprod, karras=params.karras,
+                              denoising_strength=strength)
+            except ValueError as err:
+                raise ParamError(field, str(err)) from None
 
     def _prompt_length(self, params: GenerationParams) -> tuple[int, tuple[str, ...]]:
         """The context's 77-token chunks (long_prompt: as many as the longer of prompt and negative need), and a
