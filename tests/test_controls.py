@@ -286,7 +286,8 @@ def test_progress_and_timers_synchronise(tiny_pipeline, house_image, monkeypatch
 def test_samplers_contract_used(tiny_pipeline, house_image, monkeypatch):
     plans = []
     plan = samplers.plan
+    prepared = tiny_pipeline.prepare(house_image, _params(sampler="dpmpp_2m", karras=True, ddim_steps=3))
     monkeypatch.setattr(samplers, "plan", lambda *args, **kwargs: plans.append((args, kwargs)) or plan(*args, **kwargs))
-    _run(tiny_pipeline, house_image, sampler="dpmpp_2m", karras=True, ddim_steps=3)
+    tiny_pipeline.generate([prepared])
     (args, kwargs), = plans
     assert args[:2] == ("dpmpp_2m", 3) and kwargs["karras"] is True and kwargs["denoising_strength"] == 1.0
