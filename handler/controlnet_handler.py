@@ -87,7 +87,8 @@ class ControlNetHandler:
             start = time.perf_counter()
             try:
                 request = serving.parse_request(row, context.get_all_request_header(index), self.config)
-                prepared[index] = self.pipeline.prepare(request.image, request.params)
+                prepared[index] = self.pipeline.prepare(request.image, request.params, request.control_image,
+                                                        request.init_image)
             except ParamError as err:
                 responses[index] = serving.param_error_response(err)
                 _error(context.metrics, serving.error_reason(err.field))
@@ -100,7 +101,7 @@ class ControlNetHandler:
             requests[index] = request
             _observe_seconds(context.metrics, "preprocess", time.perf_counter() - start)
             if request.mode == "edges":
-                responses[index] = self._encode(index, request, prepared[index], None, None, context)
+                responses[index] = self._encode(index, request, prepared[index], None, None, None, context)
 
         to_generate = {i: p for i, p in prepared.items() if requests[i].mode == "generate"}
         for group in serving.batch_groups(to_generate, self.config.max_batch_samples):
@@ -134,15 +135,18 @@ class ControlNetHandler:
         _count(context.metrics, "ControlNetDenoisingSteps", result.steps)
         for phase, seconds in result.seconds.items():
             _observe_seconds(context.metrics, phase, seconds)
+        for score in (score for scores in result.control_fidelity for score in scores):
+            context.metrics.add_metric("ControlNetControlFidelity", 100 * score, "Percent", dimensions=[],
+                                       metric_type=MetricTypes.HISTOGRAM)
         return {
-            index: self._encode(index, requests[index], prepared[index], samples, result.steps, context)
-            for index, samples in zip(group, result.images)
+            index: self._encode(index, requests[index], prepared[index], samples, result.steps, fidelity, context)
+            for index, samples, fidelity in zip(group, result.images, result.control_fidelity)
         }
 
-    def _encode(self, index: int, request, prepared, samples, steps: int | None, context) -> serving.Response:
+    def _encode(self, index: int, request, prepared, samples, steps: int | None, fidelity, context) -> serving.Response:
         """The response of one request; a failure to encode it costs that request only, not the TorchServe batch."""
         try:
-            parameters = serving.effective_parameters(prepared, self.model_info, steps)
+            parameters = serving.effective_parameters(prepared, self.model_info, steps, request.digests, fidelity)
             return serving.encode_result(request, prepared, samples, parameters)
         except Exception:
             logger.exception("the response to request %s could not be encoded", context.get_request_id(index))

@@ -1,8 +1,8 @@
 """Request parsing and response encoding for the TorchServe handler, free of TorchServe so that unit tests
 can drive it without a server.
 
-A request is a multipart form (an `image` file part plus text fields) or a JSON object (with `image` as
-base64). Besides the generation parameters of `controlnet_canny.params`, three transport fields exist:
+A request is a multipart form (image file parts plus text fields) or a JSON object (images as base64): `image`
+(canny runs on it), `control_image` (the client's own control map instead) and `init_image` (img2img). Besides the generation parameters of `controlnet_canny.params`, three transport fields exist:
 `output` (zip | png | json, else the Accept header decides), `stream` (newline-delimited JSON progress
 events, then the result) and `mode` (generate | edges: the edge map alone, no diffusion).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -24,10 +25,11 @@ from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.backends import BackendOptions
 from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, check_cost, parse_params
 from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared
-from controlnet_canny.preprocess import checked_output_size, decode_image
+from controlnet_canny.preprocess import checked_output_size, decode_control_map, decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
-TRANSPORT_FIELDS = ("image", "output", "stream", "mode")
+IMAGE_FIELDS = ("image", "control_image", "init_image")
+TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "mode")
 MODES = ("generate", "edges")
 OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
 STREAM_TYPE = "application/x-ndjson"
@@ -100,6 +102,9 @@ class ServingRequest:
     output: str  # a key of OUTPUT_TYPES
     stream: bool
     mode: str  # one of MODES
+    control_image: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8, sized like `image`
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8 RGB, any size
+    digests: Mapping[str, str] = field(default_factory=dict)  # control_image / init_image: sha256 of the bytes sent
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,11 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             row = _multipart_fields(row["body"], _header(headers, "content-type"))
         if set(row) == {"body"}:  # TorchServe found no form fields and handed the raw body over
             raise ParamError("body", f"is not a {content_type} body with fields (is the multipart boundary missing?)")
-        fields = {name: _form_text(name, value) for name, value in row.items() if name != "image"}
-        if "image" in row:  # TorchServe hands a text/* part over as str when it is UTF-8, which no image is
-            image = row["image"]
-            fields["image"] = image.encode("utf-8", "surrogatepass") if isinstance(image, str) else image
+        fields = {name: _form_text(name, value) for name, value in row.items() if name not in IMAGE_FIELDS}
+        for name in IMAGE_FIELDS:  # TorchServe hands a text/* part over as str when it is UTF-8, which no image is
+            if name in row:
+                image = row[name]
+                fields[name] = image.encode("utf-8", "surrogatepass") if isinstance(image, str) else image
         return fields
     raise ParamError("Content-Type", f"must be multipart/form-data or application/json, got {_echo(content_type) or 'none'!r}")
 
@@ -179,20 +185,20 @@ def _multipart_fields(body: Any, content_type: str) -> dict[str, Any]:
     return fields
 
 
-def _image_bytes(value: Any, max_bytes: int) -> bytes:
+def _image_bytes(value: Any, max_bytes: int, name: str = "image") -> bytes:
     """A form part carries the file itself; JSON carries base64 text."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if not isinstance(value, str):
-        raise ParamError("image", f"must be base64 text in JSON, got {type(value).__name__}")
+        raise ParamError(name, f"must be base64 text in JSON, got {type(value).__name__}")
     # refused before decoding, by the exact decoded size: 3 bytes per 4 characters, less the padding
     size = len(value) * 3 // 4 - min(2, len(value) - len(value.rstrip("=")))
     if size > max_bytes:
-        raise ParamError("image", f"is {size} bytes; at most {max_bytes} allowed")
+        raise ParamError(name, f"is {size} bytes; at most {max_bytes} allowed")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise ParamError("image", "is not valid base64") from None
+        raise ParamError(name, "is not valid base64") from None
 
 
 def _accept_ranges(accept: str) -> list[tuple[str, float]]:
@@ -254,9 +260,14 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
         if output not in (None, "json"):
             raise ParamError("stream", "a stream ends with the JSON result; use output=json or leave output unset")
         output = "json"
-    if "image" not in raw:
-        raise ParamError("image", "is required: a PNG, JPEG or WebP file part, or base64 text in JSON")
-    image = decode_image(_image_bytes(raw.pop("image"), config.max_image_bytes), config.max_image_bytes, config.max_image_pixels)
+    if "image" not in raw and "control_image" not in raw:
+        raise ParamError("image", "is required (or a control_image): a PNG, JPEG or WebP file part, or base64 text in JSON")
+    sent = {name: _image_bytes(raw.pop(name), config.max_image_bytes, name) for name in IMAGE_FIELDS if name in raw}
+    limits = (config.max_image_bytes, config.max_image_pixels)
+    image = decode_image(sent["image"], *limits) if "image" in sent else None
+    control = decode_control_map(sent["control_image"], *limits) if "control_image" in sent else None
+    init = decode_image(sent["init_image"], *limits, field="init_image") if "init_image" in sent else None
+    digests = {name: hashlib.sha256(sent[name]).hexdigest() for name in ("control_image", "init_image") if name in sent}
     if mode == "edges":
         raw.setdefault("prompt", "")  # no diffusion: the prompt plays no part
     params = parse_params({**config.defaults, **raw}, config.limits)
@@ -266,9 +277,13 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     if output == "png" and not one_image:
         raise ParamError("output", f"png holds one image but num_samples is {params.num_samples}; use zip or json")
     if mode == "generate":
-        height, width = checked_output_size(*image.shape[:2], params.image_resolution)
+        if params.width:
+            height, width = params.height, params.width
+        else:
+            height, width = checked_output_size(*(image if image is not None else control).shape[:2],
+                                                params.image_resolution)
         check_cost(params, height, width, config.limits)
-    return ServingRequest(params, image, output, stream, mode)
+    return ServingRequest(params, image, output, stream, mode, control, init, digests)
 
 
 def batch_groups(prepared: Mapping[int, Prepared], max_samples: int) -> list[list[int]]:
@@ -284,12 +299,17 @@ def batch_groups(prepared: Mapping[int, Prepared], max_samples: int) -> list[lis
     return [chunk for chunks in by_key.values() for chunk in chunks]
 
 
-def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: int | None) -> dict[str, Any]:
+def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: int | None,
+                         digests: Mapping[str, str] | None = None,
+                         control_fidelity: Sequence[float] | None = None) -> dict[str, Any]:
     """Everything needed to reproduce a result: the parameters with the seed resolved, the seeds of all
-    samples, the size generated, the model, and the DDIM steps visited. In edges mode (steps None) no noise is
-    drawn: seed and seeds are None. The server and scripts/generate.py both report exactly this."""
-    height, width = prepared.edge_map.shape
+    samples, the size generated, the model, the sampler steps visited, the sha256 of a control_image /
+    init_image sent, and what the result says about itself: warnings (a truncated prompt) and each sample's
+    control_fidelity. In edges mode (steps None) no noise is drawn: seed, seeds and control_fidelity are None.
+    The server and scripts/generate.py both report exactly this."""
+    height, width = prepared.edge_map.shape[:2]
     generated = steps is not None
+    digests = digests or {}
     return {
         **prepared.params.to_dict(),
         "seed": prepared.params.seed if generated else None,
@@ -297,6 +317,10 @@ def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: in
         "ddim_steps_visited": steps,
         "height": height,
         "width": width,
+        "control_image": digests.get("control_image"),
+        "init_image": digests.get("init_image"),
+        "warnings": list(prepared.warnings),
+        "control_fidelity": None if control_fidelity is None else [round(f, 4) for f in control_fidelity],
         **model,
     }
 
@@ -305,12 +329,20 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def sample_pngs(prepared: Prepared, images: Sequence[np.ndarray], parameters: Mapping[str, Any]) -> list[bytes]:
+    """Each sample's PNG carries `parameters` with its own seed and its own control_fidelity: that seed with
+    num_samples=1 reproduces it, and gives those parameters."""
+    fidelity = parameters.get("control_fidelity") or [None] * len(images)
+    return [encode_png(image, {**parameters, "seed": seed, "control_fidelity": [score]})
+            for image, seed, score in zip(images, prepared.seeds, fidelity)]
+
+
 def encode_result(request: ServingRequest, prepared: Prepared, images: Sequence[np.ndarray] | None,
                   parameters: Mapping[str, Any]) -> Response:
     """The result in the asked format; every PNG carries `parameters` (a sample's with its own seed).
     `images` is None in edges mode."""
     edge_png = encode_png(prepared.edge_map, parameters)
-    samples = [encode_png(image, {**parameters, "seed": seed}) for image, seed in zip(images or [], prepared.seeds)]
+    samples = sample_pngs(prepared, images or [], parameters)
     seed_header = {"X-Seeds": ",".join(map(str, prepared.seeds))} if images is not None else {}
     stem = f"controlnet_{prepared.params.seed}" if images is not None else "edge_map"
     if request.output == "json":

@@ -7,11 +7,13 @@
       streams progress (a bar per DDIM step) and saves sample_00.png..., edge_map.png, params.json
   client.py sweep --image in.png --out dataset/ --prompt "a house" "a barn" --seed 0:9:1 --strength 0.5:1.5:0.5
       runs the grid (every combination) with bounded concurrency, writes the images and manifest.jsonl
-      (one row per image: every parameter and its own seed); run it again to resume: items already in
-      the manifest are skipped.
+      (one row per image: every parameter, its own seed and control_fidelity); run it again to resume:
+      items already in the manifest are skipped.
 
 Numeric grid values are numbers or inclusive ranges START:STOP:STEP. Other request fields go in
 --param NAME=VALUE (e.g. --param ddim_steps=30). The API key is read from TorchServe's key_file.json.
+The seed axis lists image seeds: with --param num_samples=N a request makes the images of seeds s .. s+N-1,
+so the sweep sends one request per N seeds and never generates a seed twice.
 """
 from __future__ import annotations
 
@@ -36,7 +38,16 @@ GRID_AXES = {  # option -> (request field, value type)
     "scale": ("scale", float),
     "low_threshold": ("low_threshold", int),
     "high_threshold": ("high_threshold", int),
+    "ddim_steps": ("ddim_steps", int),
+    "sampler": ("sampler", str),
+    "karras": ("karras", str),
+    "guidance_start": ("guidance_start", float),
+    "guidance_end": ("guidance_end", float),
+    "control_mode": ("control_mode", str),
+    "resize_mode": ("resize_mode", str),
+    "denoising_strength": ("denoising_strength", float),
 }
+IMAGE_OPTIONS = ("image", "control_image", "init_image")  # the request's file fields
 MANIFEST = "manifest.jsonl"
 
 
@@ -57,12 +68,20 @@ class Client:
         response = self.session.get(f"{self.url}/ping", headers=self.headers, timeout=10)
         return response.ok and response.json().get("status") == "Healthy"
 
-    def predict(self, image: Path, fields: dict, stream: bool = False) -> requests.Response:
+    def predict(self, images: dict[str, Path], fields: dict, stream: bool = False) -> requests.Response:
+        """`images`: file field name (image, control_image, init_image) to path."""
         data = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in fields.items()}
         return self.session.post(
             f"{self.url}/predictions/{self.model}", headers=self.headers, data=data,
-            files={"image": (image.name, image.read_bytes())}, stream=stream, timeout=3600,
+            files={name: (path.name, path.read_bytes()) for name, path in images.items()}, stream=stream, timeout=3600,
         )
+
+
+def request_images(args: argparse.Namespace) -> dict[str, Path]:
+    images = {name: getattr(args, name) for name in IMAGE_OPTIONS if getattr(args, name) is not None}
+    if "image" not in images and "control_image" not in images:
+        sys.exit("error: give --image, or --control-image")
+    return images
 
 
 def fail(response: requests.Response) -> None:
@@ -88,7 +107,7 @@ def generate(client: Client, args: argparse.Namespace) -> None:
     fields = {**parse_params(args.param), "prompt": args.prompt, "stream": True}
     if args.edges:
         fields["mode"] = "edges"
-    response = client.predict(args.image, fields, stream=True)
+    response = client.predict(request_images(args), fields, stream=True)
     if response.status_code != 200:
         fail(response)
     result = None
@@ -107,6 +126,8 @@ def generate(client: Client, args: argparse.Namespace) -> None:
     for path in save_result(result, args.out):
         print(path)
     print(f"seeds: {result['parameters']['seeds']}")
+    for warning in result["parameters"].get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def numbers(text: str, kind: type) -> list:
@@ -141,12 +162,40 @@ def grid(args: argparse.Namespace) -> list[dict]:
                 sys.exit(f"error: --{option.replace('_', '-')}: {err}")
             axes.append([(field, value) for value in expanded])
     fixed = parse_params(args.param)
+    try:
+        samples = int(fixed.get("num_samples", 1))
+    except ValueError:
+        sys.exit(f"error: --param num_samples={fixed['num_samples']!r}: not an integer")
+    axes = [request_seeds(axis, samples) if axis and axis[0][0] == "seed" else axis for axis in axes]
     return [{**fixed, **dict(combination)} for combination in itertools.product(*axes)]
+
+
+def request_seeds(axis: list[tuple[str, int]], samples: int) -> list[tuple[str, int]]:
+    """The seed axis lists image seeds; a request with num_samples N makes those of seeds s .. s+N-1. One request
+    per seed would make neighbouring requests overlap (seed 1 twice for 0:1:1 with N = 2): a request starts at
+    each listed seed that no earlier request covers. -1 (random) stays one request."""
+    starts, covered = [], set()
+    for _, seed in sorted(axis, key=lambda entry: entry[1]):
+        if seed in covered:
+            continue
+        starts.append(("seed", seed))
+        if seed != -1:
+            covered.update(range(seed, seed + samples))
+    return starts
 
 
 def item_id(fields: dict, image_digest: str) -> str:
     """Stable across runs and grid changes: names the files and marks the item done in the manifest."""
     return hashlib.sha1(json.dumps([fields, image_digest], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def inputs_digest(images: dict[str, Path]) -> str:
+    """The image's sha1 when it is the only file (as before control_image and init_image: older sweeps resume),
+    else the sha1 of every file's sha1 by field name."""
+    if set(images) == {"image"}:
+        return hashlib.sha1(images["image"].read_bytes()).hexdigest()
+    digests = {name: hashlib.sha1(path.read_bytes()).hexdigest() for name, path in images.items()}
+    return hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def done_items(manifest: Path) -> set[str]:
@@ -166,7 +215,8 @@ def sweep(client: Client, args: argparse.Namespace) -> None:
         sys.exit("error: give --prompt (one or more) or --param prompt=...")
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = args.out / MANIFEST
-    image_digest = hashlib.sha1(args.image.read_bytes()).hexdigest()
+    images = request_images(args)
+    image_digest = inputs_digest(images)
     done = done_items(manifest)
     pending = [fields for fields in items if item_id(fields, image_digest) not in done]
     print(f"{len(items)} items in the grid, {len(items) - len(pending)} already in {manifest}, {len(pending)} to run")
@@ -175,7 +225,7 @@ def sweep(client: Client, args: argparse.Namespace) -> None:
             file.write("\n")  # end the line an interrupted run left unfinished
 
     def run(fields: dict) -> dict:
-        response = client.predict(args.image, {**fields, "output": "json"})
+        response = client.predict(images, {**fields, "output": "json"})
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
@@ -200,8 +250,10 @@ def sweep(client: Client, args: argparse.Namespace) -> None:
                 name = f"{key}_{index:02d}.png"
                 (args.out / name).write_bytes(base64.b64decode(png))
                 lines.append(json.dumps({
-                    "item": key, "file": name, "sample_index": index,
-                    **parameters, "seed": parameters["seeds"][index], "request": fields, "image": str(args.image),
+                    "item": key, "file": name, "sample_index": index, **parameters, "seed": parameters["seeds"][index],
+                    "control_fidelity": parameters["control_fidelity"][index],
+                    "request": fields, "image": str(images["image"]) if "image" in images else None,
+                    **{f"{name}_file": str(images[name]) for name in IMAGE_OPTIONS[1:] if name in images},
                 }))
             rows.write("".join(line + "\n" for line in lines))  # after the images: a listed item is complete
             rows.flush()
@@ -224,6 +276,12 @@ def model_ready(args: argparse.Namespace) -> bool:
     return response.ok and any(w["status"] == "READY" for model in response.json() for w in model["workers"])
 
 
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", type=Path, help="canny runs on it (required unless --control-image is given)")
+    parser.add_argument("--control-image", type=Path, help="your own control map, sized like --image, not re-cannied")
+    parser.add_argument("--init-image", type=Path, help="img2img: the image to start from")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8080")
@@ -236,14 +294,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands.add_parser("ready", help="exit 0 when the model has a worker READY (needs the management key)")
 
     one = commands.add_parser("generate", help="one request, with a progress bar")
-    one.add_argument("--image", type=Path, required=True)
+    add_image_options(one)
     one.add_argument("--prompt", required=True)
     one.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     one.add_argument("--edges", action="store_true", help="the edge map only (no diffusion)")
     one.add_argument("--out", type=Path, default=Path("result"))
 
     many = commands.add_parser("sweep", help="a parameter grid, resumable")
-    many.add_argument("--image", type=Path, required=True)
+    add_image_options(many)
     many.add_argument("--out", type=Path, required=True)
     for option, (_, kind) in GRID_AXES.items():
         many.add_argument("--" + option.replace("_", "-"), nargs="+", metavar="VALUE" if kind is str else "N|A:B:STEP")

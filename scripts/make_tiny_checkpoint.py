@@ -18,44 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))
 from controlnet_canny.config import CONFIG_DIR, ModelConfig, load_config  # noqa: E402
 from controlnet_canny.ddim import alphas_cumprod  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
+from controlnet_canny.vae import VAEEncoder  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "artifacts" / "tiny"
-
-
-def vae_encoder_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """`first_stage_model.encoder.*` and `quant_conv.*`: unused at inference, present in real files."""
-    vae, shapes = cfg.vae, {}
-    widths = [vae.ch * m for m in vae.ch_mult]
-
-    def conv(name, cin, cout, k=3):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(name, c):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
-
-    def resblock(name, cin, cout):
-        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cin, cout), norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout)
-        if cin != cout:
-            conv(f"{name}.nin_shortcut", cin, cout, 1)
-
-    conv("encoder.conv_in", 3, vae.ch)
-    cin = vae.ch
-    for i, width in enumerate(widths):
-        for j in range(vae.num_res_blocks):
-            resblock(f"encoder.down.{i}.block.{j}", cin, width)
-            cin = width
-        if i != len(widths) - 1:
-            conv(f"encoder.down.{i}.downsample.conv", width, width)
-    resblock("encoder.mid.block_1", cin, cin)
-    norm("encoder.mid.attn_1.norm", cin)
-    for proj in ("q", "k", "v", "proj_out"):
-        conv(f"encoder.mid.attn_1.{proj}", cin, cin, 1)
-    resblock("encoder.mid.block_2", cin, cin)
-    norm("encoder.norm_out", cin)
-    conv("encoder.conv_out", cin, 2 * vae.z_channels)
-    conv("quant_conv", 2 * vae.embed_dim, 2 * vae.embed_dim, 1)
-    return {f"first_stage_model.{k}": v for k, v in shapes.items()}
 
 
 def make_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -66,8 +31,11 @@ def make_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         # Default init leaves norms at 1/0 and zero convs would be zero in a real ControlNet; jitter every
         # vector so that each weight visibly matters in the parity tests.
         state[key] = value + 0.1 * torch.randn_like(value) if value.ndim == 1 else value.clone()
-    for key, shape in vae_encoder_shapes(cfg).items():
-        state[key] = 0.05 * torch.randn(shape)
+    # The VAE encoder, which real files carry and img2img loads apart (vae.load_encoder).
+    with torch.device("meta"):
+        encoder = VAEEncoder(cfg.vae, cfg.schedule.scale_factor)
+    for key, value in encoder.state_dict().items():
+        state[f"first_stage_model.{key}"] = 0.05 * torch.randn(value.shape)
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(cfg.text.context_length)[None]
     sched = cfg.schedule
     ac = alphas_cumprod(sched.linear_start, sched.linear_end, sched.timesteps)

@@ -118,3 +118,32 @@ def test_bad_image_reported(tmp_path, tiny_checkpoint):
     assert result.returncode != 0
     assert "--image" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.zip").exists()
+
+
+def test_controls_and_own_control_map(tmp_path, tiny_checkpoint, house_image):
+    edges = cv2.Canny(cv2.resize(house_image, (64, 64), interpolation=cv2.INTER_AREA), 50, 150)
+    control, init = tmp_path / "edges.png", tmp_path / "init.png"
+    Image.fromarray(edges).save(control)
+    Image.fromarray(house_image[::-1]).save(init)
+    out = tmp_path / "r.zip"
+    long_prompt = " ".join(["house"] * 90)
+    result = _run(["--checkpoint", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--control-image", str(control),
+                   "--init-image", str(init), "--denoising-strength", "0.5", "--sampler", "unipc", "--karras",
+                   "--control-mode", "prompt", "--guidance-end", "0.5", "--ddim-steps", "4", "--prompt", long_prompt,
+                   "--image-resolution", "64", "--seed", "3", "--device", "cpu", "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: prompt: " in result.stderr  # truncated at 75 tokens, said so
+    bundle = zipfile.ZipFile(out)
+    params = yaml.safe_load(bundle.read("params.yaml"))
+    assert params["sampler"] == "unipc" and params["karras"] is True and params["control_mode"] == "prompt"
+    assert params["ddim_steps_visited"] == 2 and len(params["control_fidelity"]) == 1
+    assert len(params["warnings"]) == 1 and len(params["init_image"]) == len(params["control_image"]) == 64
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(bundle.read("edge_map.png"), np.uint8),
+                                               cv2.IMREAD_UNCHANGED), edges)
+
+
+def test_bad_control_value_reported(tmp_path, tiny_checkpoint, image_path):
+    result = _run(["--checkpoint", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--image", str(image_path),
+                   "--prompt", "x", "--guidance-start", "0.8", "--guidance-end", "0.5", "--out", str(tmp_path / "r.zip")],
+                  tmp_path)
+    assert result.returncode != 0 and "guidance_end" in result.stderr and "Traceback" not in result.stderr

@@ -33,6 +33,16 @@ def test_defaults_are_the_reference_demos():
         "eta": 0.0,
         "low_threshold": 100,
         "high_threshold": 200,
+        "sampler": "ddim",
+        "karras": False,
+        "guidance_start": 0.0,
+        "guidance_end": 1.0,
+        "control_mode": "balanced",
+        "resize_mode": "crop_and_resize",
+        "width": 0,
+        "height": 0,
+        "denoising_strength": 0.75,
+        "long_prompt": False,
     }
 
 
@@ -85,6 +95,7 @@ def test_integral_float_accepted_for_int():
     ("eta", 0.0, 1.0, -0.1, 1.1),
     ("low_threshold", 1, 255, 0, 256),
     ("high_threshold", 1, 255, 0, 256),
+    ("denoising_strength", 0.0, 1.0, -0.01, 1.01),
 ])
 def test_ranges_enforced(field, low, high, below, above):
     for ok in (low, high):
@@ -215,3 +226,60 @@ def test_control_scales(strength):
         assert value == pytest.approx(strength * 0.825 ** (12 - i), rel=1e-12)
     assert guess[12] == strength and guess[0] == pytest.approx(strength * 0.0994140, rel=1e-5)
     assert guess == sorted(guess)  # deep (middle) residuals keep the most
+
+
+@pytest.mark.parametrize("field, choices", [
+    ("sampler", ("ddim", "dpmpp_2m", "euler_a", "unipc")),
+    ("control_mode", ("balanced", "prompt", "control")),
+    ("resize_mode", ("crop_and_resize", "just_resize", "resize_and_fill")),
+])
+def test_choices(field, choices):
+    for choice in choices:
+        assert getattr(parse_params({"prompt": "p", field: choice}), field) == choice
+    for bad in ("DDIM", "", "euler", 1, None, ["ddim"]):
+        error = _error({"prompt": "p", field: bad})
+        assert error.field == field and all(choice in error.message for choice in choices)
+
+
+def test_karras_only_where_the_sampler_has_it():
+    for sampler in ("dpmpp_2m", "unipc"):
+        assert parse_params({"prompt": "p", "sampler": sampler, "karras": "true"}).karras is True
+    for sampler in ("ddim", "euler_a"):
+        error = _error({"prompt": "p", "sampler": sampler, "karras": True})
+        assert error.field == "karras" and sampler in error.message and "dpmpp_2m" in error.message
+
+
+def test_guidance_window_range():
+    params = parse_params({"prompt": "p", "guidance_start": "0.25", "guidance_end": 0.75})
+    assert (params.guidance_start, params.guidance_end) == (0.25, 0.75)
+    for field in ("guidance_start", "guidance_end"):
+        for bad in (-0.01, 1.01, "nan", True):
+            assert _error({"prompt": "p", field: bad}).field == field
+
+
+@pytest.mark.parametrize("start, end", [(0.5, 0.5), (0.6, 0.4), (1.0, 1.0)])
+def test_guidance_window_must_be_open(start, end):
+    error = _error({"prompt": "p", "guidance_start": start, "guidance_end": end})
+    assert error.field == "guidance_end" and str(start) in error.message
+
+
+def test_guess_mode_is_control_mode_control():
+    assert parse_params({"prompt": "p", "guess_mode": True}).effective_control_mode == "control"
+    assert parse_params({"prompt": "p", "guess_mode": True, "control_mode": "control"}).effective_control_mode == "control"
+    assert parse_params({"prompt": "p", "control_mode": "prompt"}).effective_control_mode == "prompt"
+    assert parse_params({"prompt": "p"}).effective_control_mode == "balanced"
+    error = _error({"prompt": "p", "guess_mode": True, "control_mode": "prompt"})
+    assert error.field == "guess_mode" and "prompt" in error.message
+
+
+def test_width_and_height():
+    params = parse_params({"prompt": "p", "width": "768", "height": 512})
+    assert (params.width, params.height) == (768, 512)
+    assert _error({"prompt": "p", "width": 512}).field == "height"
+    assert _error({"prompt": "p", "height": 512}).field == "width"
+    for field in ("width", "height"):
+        other = "height" if field == "width" else "width"
+        assert _error({"prompt": "p", field: 320 + 32, other: 512}).field == field
+        error = _error({"prompt": "p", field: 832, other: 512})
+        assert error.field == field and "256" in error.message and "768" in error.message
+        assert _error({"prompt": "p", field: 192, other: 512}).field == field

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from conftest import TINY_CONFIG  # noqa: E402
-from controlnet_canny import ddim  # noqa: E402
+from controlnet_canny import ddim, samplers  # noqa: E402
 from controlnet_canny.checkpoint import load_weights, read_state_dict  # noqa: E402
 from controlnet_canny.config import load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
@@ -405,18 +405,20 @@ def test_full_ddim_run_with_guidance_matches(
     # Record what our sampler feeds its eps model at every step (x_k, t_k) and what it returns at the end.
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []
     finals: list[torch.Tensor] = []
-    original_sample_ddim = ddim.sample_ddim
+    original_model_input, original_result = samplers.model_input, samplers.result
 
-    def recording_sample_ddim(eps_model, x, *args, **kwargs):
-        def recording_eps(x, t):
-            steps.append((x.detach().clone(), t.detach().clone()))
-            return eps_model(x, t)
+    def recording_model_input(plan, state):
+        x, t = original_model_input(plan, state)
+        steps.append((x.detach().clone(), t.detach().clone()))
+        return x, t
 
-        out = original_sample_ddim(recording_eps, x, *args, **kwargs)
+    def recording_result(plan, state):
+        out = original_result(plan, state)
         finals.append(out.detach().clone())
         return out
 
-    monkeypatch.setattr(ddim, "sample_ddim", recording_sample_ddim)
+    monkeypatch.setattr(samplers, "model_input", recording_model_input)
+    monkeypatch.setattr(samplers, "result", recording_result)
     result = pipeline.generate([prepared])
     ours_images = np.stack(result.images[0])
     (ours_final,) = finals
@@ -466,3 +468,69 @@ def test_full_ddim_run_with_guidance_matches(
     # Floats agree to ~1e-5, but truncation to uint8 may flip a level at an integer boundary.
     level_diff = np.abs(ours_images.astype(int) - theirs_images.astype(int))
     assert level_diff.max() <= 1 and (level_diff == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("case", ["img2img_window", "prompt_mode"])
+def test_controls_match_diffusers_step_for_step(
+    tiny_pipeline, house_image, hf_text_encoder, diffusers_unet, diffusers_controlnet, diffusers_vae, monkeypatch, case,
+):
+    """img2img with a guidance window, as StableDiffusionControlNetImg2ImgPipeline computes it (get_timesteps,
+    prepare_latents with one generator per sample, controlnet_keep); and control_mode=prompt, sd-webui-controlnet's
+    soft weights on both guidance halves. Teacher forcing as in the test above: from our x_k, diffusers' guided eps
+    and DDIMScheduler step land on our x_{k+1}."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    img2img = case == "img2img_window"
+    controls = {"denoising_strength": 0.5, "guidance_start": 0.2, "guidance_end": 0.8} if img2img else \
+        {"control_mode": "prompt"}
+    params = GenerationParams(prompt="a red house", num_samples=2, image_resolution=64, ddim_steps=20, strength=0.8,
+                              scale=9.0, seed=77, eta=0.0, **controls)
+    init = np.ascontiguousarray(house_image[::-1, ::-1]) if img2img else None
+    prepared = tiny_pipeline.prepare(house_image, params, init_image=init)
+
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    finals: list[torch.Tensor] = []
+    original_model_input, original_result = samplers.model_input, samplers.result
+    monkeypatch.setattr(samplers, "model_input", lambda plan, state: steps.append(
+        tuple(v.detach().clone() for v in original_model_input(plan, state))) or steps[-1])
+    monkeypatch.setattr(samplers, "result", lambda plan, state: finals.append(
+        original_result(plan, state).detach().clone()) or finals[-1])
+    tiny_pipeline.generate([prepared])
+    (ours_final,) = finals
+
+    n = params.num_samples
+    with torch.inference_mode():
+        cond = _hf_context(hf_text_encoder, torch.tensor([tokenize(params.prompt + ", " + params.a_prompt)] * n))
+        uncond = _hf_context(hf_text_encoder, torch.tensor([tokenize(params.n_prompt)] * n))
+        hint = torch.from_numpy(prepared.edge_map).float().div(255.0)[None, None].repeat(n, 3, 1, 1)
+        soft = params.control_mode != "balanced"
+        scales = [params.strength * 0.825 ** (12 - i) for i in range(13)] if soft else [params.strength] * 13
+        scheduler = _reference_scheduler()
+        scheduler.set_timesteps(params.ddim_steps)
+        timesteps = scheduler.timesteps
+        generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(n)]
+        if img2img:
+            kept = min(int(params.ddim_steps * params.denoising_strength), params.ddim_steps)
+            timesteps = timesteps[params.ddim_steps - kept:]
+            pixels = VaeImageProcessor(vae_scale_factor=8).preprocess(Image.fromarray(prepared.init_image))
+            init_latents = SCALE_FACTOR * torch.cat(
+                [diffusers_vae.encode(pixels).latent_dist.sample(generator=g) for g in generators])
+            noise = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in generators])
+            start = scheduler.add_noise(init_latents, noise, timesteps[:1])
+        else:
+            start = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in generators])
+        assert [int(t[0]) for _, t in steps] == timesteps.tolist()
+        assert_close(steps[0][0], start, tol=1e-5, what="the first step's x")
+
+        total = len(timesteps)
+        keep = [not (i / total < params.guidance_start or (i + 1) / total > params.guidance_end) for i in range(total)]
+        assert keep == ([False] * 2 + [True] * 6 + [False] * 2 if img2img else [True] * total)
+        models = (diffusers_unet, diffusers_controlnet, cond, uncond, hint)
+        with_control = DiffusersGuidedEps(*models, scales, params.scale, False, layout="diffusers")
+        without = DiffusersGuidedEps(*models, [0.0] * 13, params.scale, False, layout="diffusers")  # keep 0
+        for k, (x, t) in enumerate(steps):
+            ours_next = steps[k + 1][0] if k + 1 < len(steps) else ours_final
+            eps = (with_control if keep[k] else without)(x, t[0])
+            theirs_next = scheduler.step(eps, t[0], x, eta=0.0).prev_sample
+            assert_close(ours_next, theirs_next, what=f"{case} step {k} (t={int(t[0])})")

@@ -244,3 +244,56 @@ def test_client_sweep_writes_a_manifest_and_resumes(server, tmp_path):
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and sorted(r["seed"] for r in rows) == [1, 1, 2, 2, 3, 3]
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in first_files.items())  # not redone
+
+
+def test_controls_through_torchserve(server):
+    """Issue 11's controls end to end: a control map sent as a file (multipart), img2img, a sampler, the
+    guidance window, control_mode and resize_mode echoed; the per-sample control_fidelity as a metric."""
+    edges = canny(resize_image(decode_image(HOUSE, 10**7, 10**7), 64), 50, 150)
+    control = io.BytesIO()
+    Image.fromarray(edges).save(control, "PNG")
+    fields = {"seed": 4, "num_samples": 2, "output": "json", "sampler": "dpmpp_2m", "karras": "true",
+              "guidance_start": 0.1, "guidance_end": 0.9, "control_mode": "prompt", "resize_mode": "resize_and_fill",
+              "denoising_strength": 0.75, "width": 64, "height": 64, "ddim_steps": 4}
+    files = {"control_image": ("edges.png", control.getvalue()), "init_image": ("init.png", HOUSE)}
+    response = requests.post(server.url, data={"prompt": "a house", **fields}, files=files, headers=server.auth(),
+                             timeout=120)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    parameters = result["parameters"]
+    for name in ("sampler", "guidance_start", "guidance_end", "control_mode", "resize_mode", "denoising_strength"):
+        assert parameters[name] == fields[name], name
+    assert parameters["karras"] is True and parameters["ddim_steps_visited"] == 3  # int(4 * 0.75) steps
+    assert len(parameters["control_fidelity"]) == 2 and parameters["warnings"] == []
+    assert len(parameters["control_image"]) == 64 and len(parameters["init_image"]) == 64  # sha256 hex
+    assert np.array_equal(png_pixels(base64.b64decode(result["edge_map"])), edges)  # the map sent, not re-cannied
+    assert read_png_parameters(base64.b64decode(result["images"][1]))["control_fidelity"] == \
+        [parameters["control_fidelity"][1]]
+
+    bad = requests.post(server.url, data={"prompt": "a house", "sampler": "plms"}, files={"image": HOUSE},
+                        headers=server.auth(), timeout=120)
+    assert bad.status_code == 400 and bad.json()["field"] == "sampler"
+
+    def fidelity_count() -> float:
+        return sum(v for _, v in scrape(server).get("ControlNetControlFidelity_count", []))
+
+    wait_until(lambda: fidelity_count() >= 2, 15, "ControlNetControlFidelity on /metrics")
+
+
+def test_long_prompt_warning_through_torchserve(server):
+    prompt = " ".join(["house"] * 100)
+    truncated = server.predict({"prompt": prompt, "output": "json", "seed": 1}).json()["parameters"]
+    assert [w.split(":")[0] for w in truncated["warnings"]] == ["prompt"]
+    chunked = server.predict({"prompt": prompt, "output": "json", "seed": 1, "long_prompt": "true"})
+    assert chunked.status_code == 200 and chunked.json()["parameters"]["warnings"] == []
+
+
+def test_client_sweep_never_repeats_a_seed(server, tmp_path):
+    out = tmp_path / "dataset"
+    done = run_client(server, "sweep", "--image", str(ROOT / "tests" / "data" / "house.png"), "--out", str(out),
+                      "--prompt", "a house", "--seed", "0:3:1", "--sampler", "ddim", "euler_a",
+                      "--param", "num_samples=2", "--param", "ddim_steps=2")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((r["sampler"], r["seed"]) for r in rows) == [(s, i) for s in ("ddim", "euler_a") for i in range(4)]
+    assert all(isinstance(r["control_fidelity"], float) for r in rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import io
 import json
 import shutil
@@ -287,3 +288,102 @@ def test_handler_batch_isolates_a_bad_request_and_matches_single_requests(handle
         assert status == 200
         for together, single in zip(images_of(body), images_of(alone)):
             assert np.abs(together - single).max() <= 1  # per-sample seeds: batching does not change a result
+
+
+# --- the controls of issue 11 ---------------------------------------------------------------------------
+
+def test_control_and_init_images_multipart_and_json(config, house_png, house_image):
+    edges = np.zeros(house_image.shape[:2], np.uint8)
+    edges[10:20] = 255
+    control_png, init_png = png_bytes(edges), png_bytes(house_image[:40])
+    fields = {"prompt": "a", "sampler": "unipc", "control_mode": "prompt", "guidance_end": 0.5}
+    row = {**form(fields, house_png), "control_image": control_png, "init_image": init_png}
+    from_form = serving.parse_request(row, FORM, config)
+    body = {**fields, **{name: base64.b64encode(data).decode()
+                         for name, data in (("image", house_png), ("control_image", control_png), ("init_image", init_png))}}
+    from_json = serving.parse_request({"body": body}, JSON, config)
+    for request in (from_form, from_json):
+        assert np.array_equal(request.control_image, edges) and request.control_image.ndim == 2
+        assert request.init_image.shape == (40, 128, 3)
+        assert request.params.sampler == "unipc" and request.params.guidance_end == 0.5
+        assert request.digests == {"control_image": hashlib.sha256(control_png).hexdigest(),
+                                   "init_image": hashlib.sha256(init_png).hexdigest()}
+    only_map = serving.parse_request({**form({"prompt": "a"}, None), "control_image": control_png}, FORM, config)
+    assert only_map.image is None and only_map.control_image is not None
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA", "I;16"])
+def test_control_image_must_be_8_bit_grey_or_rgb(config, house_png, mode):
+    image = Image.new("RGB", (128, 96), (255, 255, 255)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    with pytest.raises(ParamError) as err:
+        serving.parse_request({**form({"prompt": "a"}, house_png), "control_image": buffer.getvalue()}, FORM, config)
+    assert err.value.field == "control_image" and "8-bit grey or RGB" in err.value.message
+
+
+@pytest.mark.parametrize("name", ["control_image", "init_image"])
+def test_image_fields_validated_by_name(config, house_png, name):
+    for data in (b"not an image", b""):
+        with pytest.raises(ParamError) as err:
+            serving.parse_request({**form({"prompt": "a"}, house_png), name: data}, FORM, config)
+        assert err.value.field == name
+    with pytest.raises(ParamError) as err:
+        serving.parse_request({"body": {"prompt": "a", "image": base64.b64encode(house_png).decode(), name: "%%"}},
+                              JSON, config)
+    assert err.value.field == name and "base64" in err.value.message
+
+
+def test_image_or_control_image_required(config):
+    with pytest.raises(ParamError) as err:
+        serving.parse_request(form({"prompt": "a"}, None), FORM, config)
+    assert err.value.field == "image" and "control_image" in err.value.message
+
+
+def test_effective_parameters_of_the_controls(config):
+    prepared = dataclasses.replace(fake_prepared(config, num_samples=2, seed=40), warnings=("prompt: cut",))
+    digests = {"init_image": "ab" * 32}
+    parameters = serving.effective_parameters(prepared, {}, 20, digests, [0.25, 0.5])
+    assert parameters["warnings"] == ["prompt: cut"] and parameters["control_fidelity"] == [0.25, 0.5]
+    assert parameters["init_image"] == "ab" * 32 and parameters["control_image"] is None
+    for name in ("sampler", "karras", "guidance_start", "guidance_end", "control_mode", "resize_mode", "width",
+                 "height", "denoising_strength", "long_prompt"):
+        assert name in parameters, name
+    images = [np.zeros((64, 64, 3), np.uint8)] * 2
+    request = serving.ServingRequest(prepared.params, prepared.image, "zip", False, "generate")
+    with zipfile.ZipFile(io.BytesIO(serving.encode_result(request, prepared, images, parameters).body)) as archive:
+        assert yaml.safe_load(archive.read("params.yaml"))["control_fidelity"] == [0.25, 0.5]
+        assert read_png_parameters(archive.read("sample_01.png"))["control_fidelity"] == [0.5]  # its own
+    edges = serving.effective_parameters(prepared, {}, None)
+    assert edges["control_fidelity"] is None and edges["warnings"] == ["prompt: cut"]
+
+
+def test_batch_key_separates_what_cannot_share_a_batch(config):
+    base = fake_prepared(config)
+    for change in ({"sampler": "euler_a"}, {"control_mode": "prompt"}, {"guidance_start": 0.5},
+                   {"sampler": "dpmpp_2m", "karras": True}):
+        other = dataclasses.replace(base, params=dataclasses.replace(base.params, **change))
+        assert other.batch_key != base.batch_key, change
+    for change in ({"eta": 0.5}, {"strength": 0.3}, {"denoising_strength": 0.3}):  # no init image: no img2img
+        other = dataclasses.replace(base, params=dataclasses.replace(base.params, **change))
+        assert other.batch_key == base.batch_key, change
+    assert dataclasses.replace(base, context_chunks=2).batch_key != base.batch_key
+
+
+def test_handler_serves_the_controls(handler, house_png, house_image):
+    edges = np.zeros((96, 128, 3), np.uint8)
+    edges[40:50, :, 0] = 255
+    fields = {"prompt": "a house", "seed": 5, "ddim_steps": 4, "output": "json", "sampler": "euler_a",
+              "guidance_start": 0.25, "control_mode": "control", "denoising_strength": 0.5, "resize_mode": "just_resize"}
+    row = {**form(fields, None), "control_image": png_bytes(edges), "init_image": png_bytes(house_image[:50])}
+    [(status, headers, body)] = run_batch(handler, [(row, FORM)])
+    assert status == 200, body
+    parameters = json.loads(body)["parameters"]
+    assert parameters["ddim_steps_visited"] == 2 and parameters["sampler"] == "euler_a"
+    assert len(parameters["control_fidelity"]) == 1 and parameters["control_image"] is not None
+    edge_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(json.loads(body)["edge_map"]))))
+    assert edge_map.shape == (64, 64, 3) and edge_map[..., 1:].max() == 0  # the map sent, resized, not re-cannied
+    bad = {**form({**fields, "denoising_strength": 0.01}, None), "control_image": png_bytes(edges),
+           "init_image": png_bytes(house_image)}
+    [(status, _, body)] = run_batch(handler, [(bad, FORM)])
+    assert status == 400 and json.loads(body)["field"] == "denoising_strength"

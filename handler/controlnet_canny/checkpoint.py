@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Present in real files, not used at inference.
-IGNORED_PREFIXES = ("first_stage_model.encoder.", "first_stage_model.quant_conv.", "model_ema.")
+# img2img's part, loaded apart from the model when first needed (vae.load_encoder).
+VAE_ENCODER_PREFIXES = ("first_stage_model.encoder.", "first_stage_model.quant_conv.")
+# Present in real files, not used by text-to-image inference.
+IGNORED_PREFIXES = (*VAE_ENCODER_PREFIXES, "model_ema.")
 IGNORED_KEYS = frozenset({
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -108,18 +110,24 @@ def _listing(keys: Iterable[str]) -> str:
 
 
 def load_weights(
-    model: nn.Module, checkpoints: list[str | Path], device: torch.device, dtype: torch.dtype
+    model: nn.Module, checkpoints: list[str | Path], device: torch.device, dtype: torch.dtype,
+    only: tuple[str, ...] | None = None,
 ) -> None:
-    """Fills `model` (built on the meta device) from `checkpoints`; a later file overrides an earlier one per key."""
+    """Fills `model` (built on the meta device) from `checkpoints`; a later file overrides an earlier one per key.
+
+    `only`: the key prefixes of a part loaded on its own (the VAE encoder); the files' other keys are skipped.
+    By default every key that inference uses is read, and the ignored ones skipped.
+    """
     if not checkpoints:
         raise CheckpointError("no checkpoint given")
     expected = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     unexpected: list[str] = []
+    skipped = (lambda key: not key.startswith(only)) if only else is_ignored
     for path in map(Path, checkpoints):
         for key, value in read_state_dict(path).items():
-            if is_ignored(key):
+            if skipped(key):
                 continue
             if key not in expected:
                 unexpected.append(f"{key} ({path.name})")

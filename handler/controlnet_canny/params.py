@@ -7,11 +7,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .samplers import KARRAS_SAMPLERS, SAMPLERS
+
 DEFAULT_A_PROMPT = "best quality, extremely detailed"
 DEFAULT_N_PROMPT = (
     "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality"
 )
 MAX_SEED = 2**31 - 1
+CONTROL_MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 
 
 class ParamError(ValueError):
@@ -39,6 +43,21 @@ class GenerationParams:
     eta: float = 0.0
     low_threshold: int = 100
     high_threshold: int = 200
+    sampler: str = "ddim"
+    karras: bool = False
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "balanced"
+    resize_mode: str = "crop_and_resize"
+    width: int = 0  # 0 with height 0: the reference's size, from image_resolution and the image's aspect ratio
+    height: int = 0
+    denoising_strength: float = 0.75
+    long_prompt: bool = False
+
+    @property
+    def effective_control_mode(self) -> str:
+        """guess_mode is the reference's name for control_mode=control."""
+        return "control" if self.guess_mode else self.control_mode
 
     def with_resolved_seed(self) -> GenerationParams:
         """seed -1 means random; the resolved seed is what gets reported, so any result can be reproduced."""
@@ -68,6 +87,9 @@ class Limits:
     # 100); lower it to what the worker's machine does within responseTimeout (docs/serving.md has the figures).
     output_pixels: int = 768 * 768
     work: int = 96 * 96 * 12 * 100
+    guidance_start: tuple[float, float] = (0.0, 1.0)
+    guidance_end: tuple[float, float] = (0.0, 1.0)
+    denoising_strength: tuple[float, float] = (0.0, 1.0)
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:
@@ -83,6 +105,8 @@ class Limits:
 
 _SCALAR_LIMITS = ("prompt_chars", "output_pixels", "work")
 _TEXT_FIELDS = ("prompt", "a_prompt", "n_prompt")
+CHOICES = {"sampler": SAMPLERS, "control_mode": CONTROL_MODES, "resize_mode": RESIZE_MODES}
+_SIZE_FIELDS = ("width", "height")  # 0 (the reference's size) or within the image_resolution limits
 _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -150,15 +174,24 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
         if name in _TEXT_FIELDS:
             values[name] = _as_text(name, value, limits.prompt_chars)
             continue
+        if name in CHOICES:
+            if value not in CHOICES[name]:  # a tuple: JSON may send unhashable values
+                raise ParamError(name, f"must be one of {', '.join(CHOICES[name])}, got {str(value)[:40]!r}")
+            values[name] = value
+            continue
         parsed = {"int": _as_int, "float": _as_float, "bool": as_bool}[kind](name, value)
         if kind != "bool":
-            low, high = getattr(limits, name)
+            low, high = getattr(limits, "image_resolution" if name in _SIZE_FIELDS else name)
+            if name in _SIZE_FIELDS and parsed == 0:
+                values[name] = parsed
+                continue
             if not low <= parsed <= high:
                 raise ParamError(name, f"must be between {low} and {high}, got {parsed}")
         values[name] = parsed
     params = GenerationParams(**values)
     if params.image_resolution % resolution_step:
         raise ParamError("image_resolution", f"must be a multiple of {resolution_step}, got {params.image_resolution}")
+    _check_combinations(params, resolution_step)
     return params
 
 
@@ -172,3 +205,20 @@ def check_cost(params: GenerationParams, height: int, width: int, limits: Limits
         field = "num_samples" if params.num_samples > 1 else "ddim_steps"
         raise ParamError(field, f"{width // 8}x{height // 8} latent pixels x {params.num_samples} samples x "
                          f"{params.ddim_steps} steps = {work}; at most {limits.work} allowed")
+
+
+def _check_combinations(params: GenerationParams, resolution_step: int) -> None:
+    """Fields that are valid alone but not together."""
+    for name in _SIZE_FIELDS:
+        if getattr(params, name) % resolution_step:
+            raise ParamError(name, f"must be a multiple of {resolution_step}, got {getattr(params, name)}")
+    if (params.width == 0) != (params.height == 0):
+        missing = "height" if params.height == 0 else "width"
+        raise ParamError(missing, "width and height go together: give both, or neither for the reference's size")
+    if params.guidance_start >= params.guidance_end:
+        raise ParamError("guidance_end", f"must be greater than guidance_start ({params.guidance_start}), "
+                                         f"got {params.guidance_end}")
+    if params.karras and params.sampler not in KARRAS_SAMPLERS:
+        raise ParamError("karras", f"applies to the samplers {', '.join(KARRAS_SAMPLERS)}, not to {params.sampler}")
+    if params.guess_mode and params.control_mode == "prompt":
+        raise ParamError("guess_mode", "is control_mode=control, which contradicts control_mode=prompt")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -21,6 +22,12 @@ COMPOSITE_PIXELS = 2**16  # alpha is composited in bands of about this many pixe
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
     """Bytes to HWC uint8 RGB. The format is read from the content, never a file name; size is checked
     from the header before any pixel is decoded (decompression bombs)."""
+    return _open_image(data, max_bytes, max_pixels, field, to_rgb)
+
+
+def _open_image(data: bytes, max_bytes: int, max_pixels: int, field: str, convert: Callable[[Image.Image], np.ndarray],
+                modes: tuple[str, ...] | None = None) -> np.ndarray:
+    """Decoded, upright and converted to an array; `modes`: the only pixel modes accepted (None: any)."""
     if not data:
         raise ParamError(field, "is empty")
     if len(data) > max_bytes:
@@ -38,9 +45,12 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
                 scans = data.count(b"\xff\xda")
                 if scans > MAX_JPEG_SCANS:
                     raise ParamError(field, f"is a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} allowed")
+            if modes is not None and (image.mode not in modes or "transparency" in image.info):
+                transparency = " with transparency" if "transparency" in image.info else ""
+                raise ParamError(field, f"must be an 8-bit grey or RGB image, got mode {image.mode}{transparency}")
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # phone photos: stored sideways, EXIF says how to turn
-            return to_rgb(image)  # inside: a malformed palette or transparency fails only at conversion
+            return convert(image)  # inside: a malformed palette or transparency fails only at conversion
     except ParamError:
         raise
     except Image.DecompressionBombError:
@@ -100,3 +110,56 @@ def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
 def canny(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndarray:
     """Edge map (H, W) uint8 of the 3-channel image itself: a grayscale conversion gives a different map."""
     return cv2.Canny(image, low_threshold, high_threshold)
+
+
+def _resize(image: np.ndarray, height: int, width: int, is_map: bool) -> np.ndarray:
+    """Photos as the reference resizes them (Lanczos up, area down); control maps as sd-webui-controlnet's
+    `high_quality_resize` picks its interpolation (cubic up, area down), without its binary-map re-thinning."""
+    if image.shape[:2] == (height, width):
+        return image
+    bigger = height * width > image.shape[0] * image.shape[1]
+    interpolation = (cv2.INTER_CUBIC if is_map else cv2.INTER_LANCZOS4) if bigger else cv2.INTER_AREA
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def _crop_or_fill(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centred on (height, width): cropped where larger, on the median colour of its border where smaller."""
+    top, left = max(0, (image.shape[0] - height) // 2), max(0, (image.shape[1] - width) // 2)
+    image = image[top:top + height, left:left + width]
+    if image.shape[:2] == (height, width):
+        return image
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    canvas = np.empty((height, width, *image.shape[2:]), image.dtype)
+    canvas[...] = np.median(border, axis=0).astype(image.dtype)
+    top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+    canvas[top:top + image.shape[0], left:left + image.shape[1]] = image
+    return canvas
+
+
+def fit(image: np.ndarray, height: int, width: int, mode: str, is_map: bool = False) -> np.ndarray:
+    """sd-webui-controlnet's resize modes, onto (height, width):
+    just_resize: stretched; crop_and_resize: scaled to cover, centre cropped; resize_and_fill: scaled to fit
+    inside, centred on the median colour of its border. Scaled sizes are rounded half to even, as there."""
+    if mode == "just_resize":
+        return _resize(image, height, width, is_map)
+    scale = (max if mode == "crop_and_resize" else min)(height / image.shape[0], width / image.shape[1])
+    scaled = _resize(image, int(np.round(image.shape[0] * scale)), int(np.round(image.shape[1] * scale)), is_map)
+    return _crop_or_fill(scaled, height, width)
+
+
+def fitted_edges(image: np.ndarray, height: int, width: int, mode: str, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, edge map) at (height, width). resize_and_fill pads the edge map, not the photo before canny
+    (as sd-webui-controlnet pads the detected map), so the seam adds no edge."""
+    if mode != "resize_and_fill":
+        fitted = fit(image, height, width, mode)
+        return fitted, canny(fitted, low, high)
+    scale = min(height / image.shape[0], width / image.shape[1])
+    scaled = _resize(image, int(np.round(image.shape[0] * scale)), int(np.round(image.shape[1] * scale)), False)
+    return _crop_or_fill(scaled, height, width), _crop_or_fill(canny(scaled, low, high), height, width)
+
+
+def decode_control_map(data: bytes, max_bytes: int, max_pixels: int, field: str = "control_image") -> np.ndarray:
+    """A control map as sent: 8-bit grey (H, W) or RGB (H, W, 3). Nothing is converted (alpha, palette, 16 bits
+    are refused: their conversion would change what the model sees)."""
+    return _open_image(data, max_bytes, max_pixels, field, lambda image: np.ascontiguousarray(np.asarray(image)),
+                       modes=("L", "RGB"))

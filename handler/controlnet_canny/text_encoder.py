@@ -14,6 +14,7 @@ from .config import TextEncoderConfig
 
 START_ID = 49406
 END_ID = 49407
+WORD_WRAP_TOKENS = 20  # chunked long prompts: see chunk_ids
 
 
 # The reference's Hugging Face CLIPTokenizer splits text with this pattern; its special tokens are spelled
@@ -58,6 +59,65 @@ def tokenize(prompt: str, context_length: int = 77) -> list[int]:
     """
     ids = [START_ID] + _encode(prompt)[: context_length - 2] + [END_ID]
     return ids + [END_ID] * (context_length - len(ids))
+
+
+def token_count(prompt: str) -> int:
+    """The prompt's own tokens (start and end not counted); `tokenize` keeps the first context_length - 2."""
+    return len(_encode(prompt))
+
+
+def is_truncated(prompt: str, context_length: int = 77) -> bool:
+    return token_count(prompt) > context_length - 2
+
+
+def chunk_ids(prompt: str, context_length: int = 77) -> list[list[int]]:
+    """A long prompt as AUTOMATIC1111's webui splits it (`sd_hijack_clip.py`, `tokenize_line`): chunks of up to
+    context_length - 2 = 75 tokens, each wrapped and padded as `tokenize` does a short prompt (start, tokens,
+    end, padded with end to 77 ids). A prompt of 75 tokens or fewer is one chunk, equal to `tokenize`'s ids.
+
+    Word wrap, as the webui's default `comma_padding_backtrack` = 20: when a chunk is full and the next token
+    is not a comma, the tokens after the chunk's last comma move to the next chunk if that comma is among the
+    chunk's last 20 tokens (so a phrase is not cut in two). The webui's other prompt syntax is not parsed:
+    no emphasis weights "(word:1.2)", no BREAK, no textual-inversion embeddings (the text is taken literally,
+    as the reference takes a short prompt).
+    """
+    size = context_length - 2
+    comma = _bpe().encoder[",</w>"]
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    last_comma: int | None = None  # index in `current`
+
+    def close(tokens: list[int]) -> None:
+        chunks.append([START_ID] + tokens + [END_ID] * (size + 1 - len(tokens)))
+
+    for token in _encode(prompt):
+        if len(current) == size:
+            wraps = token != comma and last_comma is not None and size - last_comma <= WORD_WRAP_TOKENS
+            cut = last_comma + 1 if wraps else size
+            close(current[:cut])
+            current, last_comma = current[cut:], None
+        if token == comma:
+            last_comma = len(current)
+        current.append(token)
+    if current or not chunks:
+        close(current)
+    return chunks
+
+
+def match_lengths(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads the shorter of two chunked contexts (batch, 77 k, width) to the longer's chunk count with copies of
+    `empty`, the (1, 77, width) context of the empty prompt, as the webui's `pad_cond_uncond` option does, so
+    that both halves of classifier-free guidance run in one batch. Either may be the longer one."""
+    missing = (cond.shape[1] - uncond.shape[1]) // empty.shape[1]
+
+    def padded(context: torch.Tensor, chunks: int) -> torch.Tensor:
+        return torch.cat([context, empty.expand(context.shape[0], -1, -1).repeat(1, chunks, 1)], dim=1)
+
+    if missing > 0:
+        return cond, padded(uncond, missing)
+    if missing < 0:
+        return padded(cond, -missing), uncond
+    return cond, uncond
 
 
 class CLIPEmbeddings(nn.Module):
@@ -137,14 +197,26 @@ class CLIPTextModel(nn.Module):
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """`cond_stage_model`: prompts in, (batch, 77, width) context out."""
+    """`cond_stage_model`: prompts in, (batch, 77, width) context out (truncated: the reference), or one long
+    prompt in, (1, 77 k, width) out (`encode_chunked`)."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.context_length = cfg.context_length
         self.transformer = CLIPTextModel(cfg)
 
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.text_model.embeddings.token_embedding.weight.device
+
     def forward(self, prompts: list[str]) -> torch.Tensor:
-        device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        ids = torch.tensor([tokenize(p, self.context_length) for p in prompts], device=device)
+        ids = torch.tensor([tokenize(p, self.context_length) for p in prompts], device=self.device)
         return self.transformer.text_model(ids)
+
+    def encode_chunked(self, prompt: str) -> torch.Tensor:
+        """(1, 77 k, width): each of `chunk_ids`'s k chunks encoded alone, as a 77-token prompt of its own, and
+        the contexts concatenated along the tokens (the cross-attentions attend over all 77 k). A prompt of
+        75 tokens or fewer gives exactly `forward`'s context."""
+        contexts = [self.transformer.text_model(torch.tensor([ids], device=self.device))
+                    for ids in chunk_ids(prompt, self.context_length)]
+        return torch.cat(contexts, dim=1)

@@ -52,6 +52,10 @@ class Backend:
     def synchronize(self) -> None:
         """Waits for queued device work, so that a clock read or a progress event tells the truth."""
 
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device, in one copy."""
+        return tensor.to(self.device)
+
     def summary(self) -> str:
         return f"{self.device.type}: plain PyTorch"
 
