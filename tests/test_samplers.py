@@ -139,14 +139,15 @@ def test_step_for_step_as_diffusers(tiny_eps, sampler, karras, steps, strength):
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
 def test_ddim_eta_as_diffusers(tiny_eps, eta):
-    """diffusers takes DDIM's sigma (eq. 16) in float32, the reference in float64: equal to rounding."""
+    """diffusers takes DDIM's sigma (eq. 16) in float32, the reference in float64: equal to rounding (measured: up
+    to 6 float32 ulps of the latents' magnitude after 10 steps; allowed: 16)."""
     scheduler = sd15_scheduler("ddim")
     plan = samplers.plan("ddim", 10, scheduler.alphas_cumprod, eta=eta)
     assert plan.noise_draws == 10
     _, _, theirs = run_diffusers(scheduler, 10, 1.0, tiny_eps, generators([8, 9]), eta=eta)
     _, ours = run_ours(plan, tiny_eps, generators([8, 9]))
     for k, (x, y) in enumerate(zip(ours, theirs)):
-        assert (x - y).abs().max() <= TOL, f"latents after step {k}"
+        assert (x - y).abs().max() <= 16 * torch.finfo(torch.float32).eps * y.abs().max(), f"latents after step {k}"
 
 
 def row_wise_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
