@@ -6,11 +6,10 @@ import functools
 import ftfy
 import regex
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from .config import TextEncoderConfig
+from .unet import multihead_attention
 
 START_ID = 49406
 END_ID = 49407
@@ -140,9 +139,7 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rearrange(p(x), "b n (h d) -> b h n d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        return self.out_proj(multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
 
 
 class CLIPMLP(nn.Module):

@@ -62,10 +62,11 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v per head (the reference's scale); [batch, tokens, heads * d] in and out."""
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head (the reference's scale); [batch, tokens, heads * d] in and out. The one
+    attention of every network here (UNet, ControlNet, the VAE's single head, CLIP's causal text tower)."""
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+    return rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=causal), "b h n d -> b n (h d)")
 
 
 class CrossAttention(nn.Module):

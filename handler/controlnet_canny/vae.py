@@ -13,6 +13,7 @@ from torch import nn
 
 from .checkpoint import VAE_ENCODER_PREFIXES, CheckpointError, load_weights
 from .config import ModelConfig, VAEConfig
+from .unet import Upsample, multihead_attention
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -50,18 +51,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
-        q, k, v = (rearrange(p(h), "b c h w -> b 1 (h w) c") for p in (self.q, self.k, self.v))
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=height, w=width)
+        q, k, v = (rearrange(p(h), "b c h w -> b (h w) c") for p in (self.q, self.k, self.v))
+        out = rearrange(multihead_attention(q, k, v, heads=1), "b (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(out)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Downsample(nn.Module):
