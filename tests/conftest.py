@@ -82,3 +82,14 @@ def house_image() -> np.ndarray:
     import cv2
 
     return cv2.cvtColor(cv2.imread(str(ROOT / "tests" / "data" / "house.png")), cv2.COLOR_BGR2RGB)
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference of two uint8 images, in levels."""
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def clearly_differ(a: np.ndarray, b: np.ndarray) -> bool:
+    """More than the +-1 level that summation order can explain (the tiny model's effects are modest)."""
+    return max_diff(a, b) > 3

@@ -11,6 +11,8 @@ from controlnet_canny.params import GenerationParams, ParamError
 from controlnet_canny.pipeline import control_steps
 from controlnet_canny.preprocess import canny, resize_image
 
+from conftest import clearly_differ, max_diff
+
 STEPS = 4
 
 
@@ -20,15 +22,6 @@ def _params(**kwargs) -> GenerationParams:
 
 def _run(pipe, image, control_image=None, init_image=None, **kwargs) -> list[np.ndarray]:
     return pipe.generate([pipe.prepare(image, _params(**kwargs), control_image, init_image)]).images[0]
-
-
-def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def _clearly_differ(a: np.ndarray, b: np.ndarray) -> bool:
-    return _max_diff(a, b) > 3
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def test_window_without_steps_is_no_control(tiny_pipeline, house_image, controln
 
 
 def test_window_matters(tiny_pipeline, house_image, baseline):
-    assert _clearly_differ(_run(tiny_pipeline, house_image, guidance_start=0.5)[0], baseline)
+    assert clearly_differ(_run(tiny_pipeline, house_image, guidance_start=0.5)[0], baseline)
     full = _run(tiny_pipeline, house_image, guidance_start=0.0, guidance_end=1.0)[0]
     assert full.tobytes() == baseline.tobytes()
 
@@ -88,14 +81,14 @@ def test_control_mode_control_is_guess_mode(tiny_pipeline, house_image, baseline
     control = _run(tiny_pipeline, house_image, control_mode="control")[0]
     assert controlnet_calls == [1] * STEPS  # the conditional half only
     assert control.tobytes() == _run(tiny_pipeline, house_image, guess_mode=True)[0].tobytes()
-    assert _clearly_differ(control, baseline)
+    assert clearly_differ(control, baseline)
 
 
 def test_control_mode_prompt(tiny_pipeline, house_image, baseline, controlnet_calls):
     prompt = _run(tiny_pipeline, house_image, control_mode="prompt")[0]
     assert controlnet_calls == [1] * STEPS  # both halves, which share their rows until the first cross-attention
-    assert _clearly_differ(prompt, baseline)
-    assert _clearly_differ(prompt, _run(tiny_pipeline, house_image, control_mode="control")[0])
+    assert clearly_differ(prompt, baseline)
+    assert clearly_differ(prompt, _run(tiny_pipeline, house_image, control_mode="control")[0])
 
 
 def test_control_mode_prompt_scales(tiny_pipeline, house_image, monkeypatch):
@@ -161,14 +154,14 @@ def test_samplers_batched_equal_alone(tiny_pipeline, house_image, baseline, samp
     params = dict(sampler=sampler, karras=karras, ddim_steps=3)
     pair = _run(tiny_pipeline, house_image, num_samples=2, seed=40, **params)
     for i, image in enumerate(pair):  # ancestral noise included: a sample's draws are its own generator's
-        assert _max_diff(image, _run(tiny_pipeline, house_image, seed=40 + i, **params)[0]) <= 1
-    assert _clearly_differ(pair[0], pair[1])
+        assert max_diff(image, _run(tiny_pipeline, house_image, seed=40 + i, **params)[0]) <= 1
+    assert clearly_differ(pair[0], pair[1])
     assert pair[0].std() > 5
 
 
 def test_samplers_differ(tiny_pipeline, house_image):
     images = {s: _run(tiny_pipeline, house_image, sampler=s)[0] for s in ("ddim", "dpmpp_2m", "euler_a", "unipc")}
-    assert _clearly_differ(images["ddim"], images["euler_a"]) and _clearly_differ(images["dpmpp_2m"], images["euler_a"])
+    assert clearly_differ(images["ddim"], images["euler_a"]) and clearly_differ(images["dpmpp_2m"], images["euler_a"])
 
 
 def test_eta_is_ddims_only(tiny_pipeline, house_image):
@@ -185,9 +178,9 @@ def test_img2img(tiny_pipeline, house_image, baseline):
     result = tiny_pipeline.generate([prepared], lambda done, total: calls.append((done, total)))
     assert result.steps == 5 and calls[-1] == (5, 5)
     red = result.images[0][0].astype(int)
-    assert _clearly_differ(result.images[0][0], _run(tiny_pipeline, house_image, ddim_steps=10)[0])
+    assert clearly_differ(result.images[0][0], _run(tiny_pipeline, house_image, ddim_steps=10)[0])
     weaker = _run(tiny_pipeline, house_image, init_image=init, ddim_steps=10, denoising_strength=0.2)[0]
-    assert _clearly_differ(weaker, result.images[0][0]) and red.std() > 1
+    assert clearly_differ(weaker, result.images[0][0]) and red.std() > 1
 
 
 def test_img2img_strength_without_steps_refused(tiny_pipeline, house_image):
@@ -211,8 +204,8 @@ def test_img2img_batched_equal_alone(tiny_pipeline, house_image):
     b = tiny_pipeline.prepare(house_image, _params(seed=30, **{**params, "eta": 0.0}), init_image=init)
     assert a.batch_key == b.batch_key
     together = tiny_pipeline.generate([a, b]).images
-    assert _max_diff(together[0][1], tiny_pipeline.generate([a]).images[0][1]) <= 1
-    assert _max_diff(together[1][0], tiny_pipeline.generate([b]).images[0][0]) <= 1
+    assert max_diff(together[0][1], tiny_pipeline.generate([a]).images[0][1]) <= 1
+    assert max_diff(together[1][0], tiny_pipeline.generate([b]).images[0][0]) <= 1
 
 
 LONG = ", ".join(f"a tall red house number {i}" for i in range(14))  # 97 tokens, 102 with a_prompt
@@ -233,7 +226,7 @@ def test_long_prompt(tiny_pipeline, house_image):
     assert long.context_chunks == 2 and long.warnings == () and long.batch_key != short.batch_key
     truncated = _run(tiny_pipeline, house_image, prompt=LONG)[0]
     chunked = tiny_pipeline.generate([long]).images[0][0]
-    assert _clearly_differ(chunked, truncated)
+    assert clearly_differ(chunked, truncated)
     # a short prompt: the same context either way
     assert _run(tiny_pipeline, house_image, long_prompt=True)[0].tobytes() == \
         _run(tiny_pipeline, house_image)[0].tobytes()

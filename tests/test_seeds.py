@@ -8,6 +8,8 @@ import torch
 from controlnet_canny.ddim import ddim_timesteps
 from controlnet_canny.params import GenerationParams
 
+from conftest import clearly_differ, max_diff
+
 STEPS = 4
 
 
@@ -17,16 +19,6 @@ def _params(**kwargs) -> GenerationParams:
 
 def _run(pipe, image, **kwargs) -> list[np.ndarray]:
     return pipe.generate([pipe.prepare(image, _params(**kwargs))]).images[0]
-
-
-def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def _clearly_differ(a: np.ndarray, b: np.ndarray) -> bool:
-    """More than the +-1 level that summation order can explain (the tiny model's effects are modest)."""
-    return _max_diff(a, b) > 3
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def test_same_seed_identical_bytes(tiny_pipeline, house_image, baseline):
 
 
 def test_different_seeds_differ(tiny_pipeline, house_image, baseline):
-    assert _clearly_differ(_run(tiny_pipeline, house_image, seed=12)[0], baseline)
+    assert clearly_differ(_run(tiny_pipeline, house_image, seed=12)[0], baseline)
 
 
 def test_prepare_resolves_random_seed(tiny_pipeline, house_image):
@@ -66,9 +58,9 @@ def test_two_samples_equal_two_single_requests(tiny_pipeline, house_image, eta):
     first = _run(tiny_pipeline, house_image, seed=40, eta=eta)[0]
     second = _run(tiny_pipeline, house_image, seed=41, eta=eta)[0]
     assert len(pair) == 2
-    assert _max_diff(pair[0], first) <= 1
-    assert _max_diff(pair[1], second) <= 1
-    assert _clearly_differ(pair[0], pair[1])
+    assert max_diff(pair[0], first) <= 1
+    assert max_diff(pair[1], second) <= 1
+    assert clearly_differ(pair[0], pair[1])
 
 
 @pytest.mark.parametrize("guess_mode", [False, True])
@@ -83,10 +75,10 @@ def test_batched_requests_equal_alone(tiny_pipeline, house_image, other_image, g
     assert [len(x) for x in together.images] == [1, 2]
     alone_a = tiny_pipeline.generate([a]).images[0]
     alone_b = tiny_pipeline.generate([b]).images[0]
-    assert _max_diff(together.images[0][0], alone_a[0]) <= 1
+    assert max_diff(together.images[0][0], alone_a[0]) <= 1
     for got, expected in zip(together.images[1], alone_b):
-        assert _max_diff(got, expected) <= 1
-    assert _clearly_differ(alone_a[0], alone_b[0])
+        assert max_diff(got, expected) <= 1
+    assert clearly_differ(alone_a[0], alone_b[0])
 
 
 def test_incompatible_requests_not_batched(tiny_pipeline, house_image):
@@ -102,28 +94,28 @@ def test_incompatible_requests_not_batched(tiny_pipeline, house_image):
 def test_eta_reproducible_and_matters(tiny_pipeline, house_image, baseline):
     first = _run(tiny_pipeline, house_image, eta=0.8)[0]
     assert _run(tiny_pipeline, house_image, eta=0.8)[0].tobytes() == first.tobytes()
-    assert _clearly_differ(first, baseline)
+    assert clearly_differ(first, baseline)
 
 
 def test_guess_mode_differs(tiny_pipeline, house_image, baseline):
     guess = _run(tiny_pipeline, house_image, guess_mode=True)[0]
-    assert _clearly_differ(guess, baseline)
+    assert clearly_differ(guess, baseline)
     assert _run(tiny_pipeline, house_image, guess_mode=True)[0].tobytes() == guess.tobytes()
 
 
 def test_scale_one_differs(tiny_pipeline, house_image, baseline):
     plain = _run(tiny_pipeline, house_image, scale=1.0)[0]
-    assert _clearly_differ(plain, baseline)
+    assert clearly_differ(plain, baseline)
     # scale 1 is e_uncond + 1 * (e_cond - e_uncond) = e_cond: near scale 1 + tiny, far from scale 9
-    assert _max_diff(plain, _run(tiny_pipeline, house_image, scale=1.001)[0]) <= 2
+    assert max_diff(plain, _run(tiny_pipeline, house_image, scale=1.001)[0]) <= 2
 
 
 def test_strength_matters(tiny_pipeline, house_image, baseline):
-    assert _clearly_differ(_run(tiny_pipeline, house_image, strength=0.0)[0], baseline)
+    assert clearly_differ(_run(tiny_pipeline, house_image, strength=0.0)[0], baseline)
 
 
 def test_prompt_matters(tiny_pipeline, house_image, baseline):
-    assert _clearly_differ(_run(tiny_pipeline, house_image, prompt="a red car")[0], baseline)
+    assert clearly_differ(_run(tiny_pipeline, house_image, prompt="a red car")[0], baseline)
 
 
 def _visited(pipe, image, steps) -> tuple[list[tuple[int, int]], int]:
