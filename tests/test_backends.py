@@ -173,6 +173,16 @@ def test_precision_auto(monkeypatch, device, native_bf16, expected):
     assert resolve_precision("auto", torch.device(device)) == expected
 
 
+@pytest.mark.parametrize("flags, capability, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", True), ({"avx2", "amx_bf16"}, "AVX512", True),
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", False), ({"avx2", "avx512f"}, "AVX512", False),
+])
+def test_native_bf16_needs_the_flags_and_torchs_capability(monkeypatch, flags, capability, expected):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu.has_native_bf16() is expected
+
+
 def test_explicit_bf16_without_native_bf16_warns_with_the_measured_cost(monkeypatch, caplog):
     monkeypatch.setattr(pipeline_module, "has_native_bf16", lambda: False)
     monkeypatch.setattr(pipeline_module, "slowdown_of_emulated_bf16", lambda: 27.0)

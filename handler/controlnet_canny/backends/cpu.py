@@ -56,7 +56,8 @@ def cpu_model() -> str:
 
 
 def has_native_bf16() -> bool:
-    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+    """The CPU computes bf16 natively and torch may use it (ATEN_CPU_CAPABILITY=avx2 forbids AVX-512 BF16)."""
+    return bool(NATIVE_BF16_FLAGS & cpu_flags()) and "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 def default_cache_dir() -> Path:
