@@ -22,7 +22,7 @@ START=$(now)
 # shellcheck disable=SC2046
 podman run --detach --name "$NAME" --read-only --read-only-tmpfs=false --cap-drop=ALL \
   $(command -v runc >/dev/null && echo --runtime=runc) --ulimit nofile=16384 --ulimit nproc=8192 \
-  --tmpfs /tmp:rw,exec,nosuid,nodev,size=1g --tmpfs /app/artifacts/serve:rw,noexec,nosuid,nodev,size=256m,mode=0700,U \
+  --tmpfs /tmp:rw,exec,nosuid,nodev,size=1g --tmpfs /app/artifacts/serve:rw,exec,nosuid,nodev,size=256m,mode=0700,U \
   --publish "127.0.0.1:$PORT:8080" "$IMAGE" >/dev/null
 
 until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(key)" "http://127.0.0.1:$PORT/ping")" = 200 ]; do

@@ -202,3 +202,15 @@ def test_variants_stay_within_the_instruction_sets_torch_runs_with(monkeypatch):
     assert cpu_attention.variants(torch.bfloat16) == []
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert cpu_attention.variants(torch.float32) == []
+
+
+def test_a_library_that_cannot_be_mapped_leaves_attention_to_torch(monkeypatch):
+    variant = cpu_attention.variants(torch.float32)[:1]
+    if not variant:
+        pytest.skip("no kernel variant runs on this CPU: nothing is compiled or mapped")
+
+    def noexec(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(cpu_attention.ctypes, "CDLL", noexec)
+    assert cpu_attention.load(torch.float32, variant[0]) is None

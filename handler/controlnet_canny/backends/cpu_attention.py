@@ -131,8 +131,12 @@ def load(dtype: torch.dtype, variant: str) -> CpuAttention | None:
             log.warning("attention kernel %s did not compile (%s): staying on torch's kernel", variant,
                         str(detail).strip()[-500:])
             return None
-        # The loaded library stays mapped after its file is removed with the directory.
-        return CpuAttention(ctypes.CDLL(str(library_path)), dtype, variant)
+        try:  # the loaded library stays mapped after its file is removed with the directory
+            library = ctypes.CDLL(str(library_path))
+        except OSError as error:  # e.g. a TMPDIR mounted noexec
+            log.warning("attention kernel %s did not load (%s): staying on torch's kernel", variant, error)
+            return None
+        return CpuAttention(library, dtype, variant)
 
 
 def install(model: nn.Module, kernel: CpuAttention) -> None:
