@@ -17,8 +17,9 @@ from controlnet_canny.unet import widen
 
 from conftest import TINY_CONFIG
 
-# The shared rows' error may be this many times the stacked forward's (measured: 0.2-1.8x on AVX-512 and AVX2
-# machines; both are float32 rounding of the same sums in another order).
+# The shared rows' error may be this many times the stacked forward's (measured: 0.8-1.2x, AVX-512 and AVX2 code
+# paths, at a 32x32 latent, the smallest a 256-px request has; at 8x8 the tiny model's 1x1 middle block, GroupNorm
+# over two values a group, amplifies either side's rounding up to 17x, so it proves nothing there).
 ERROR_RATIO = 3.0
 
 
@@ -30,7 +31,7 @@ def exact_model(tiny_checkpoint) -> ControlLDM:
     return model.eval()
 
 
-def _inputs(batch: int, latent: int = 8, context_dim: int = 32):
+def _inputs(batch: int, latent: int = 32, context_dim: int = 32):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(batch, 4, latent, latent, generator=g)
     t = torch.tensor([901, 51][:batch])
@@ -55,7 +56,7 @@ def test_widen_tiles_the_batch():
 def test_controlnet_with_shared_rows_matches_stacked_batch(tiny_pipeline, exact_model):
     control = tiny_pipeline.model.control_model
     x, t, context = _inputs(batch=2)
-    hint = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6)) > 0.8).float()
+    hint = (torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6)) > 0.8).float()
     with torch.inference_mode():
         features = control.encode_hint(hint)
         narrow = control(x, features, t, context)
@@ -74,7 +75,7 @@ def test_unet_with_shared_rows_matches_stacked_batch(tiny_pipeline, exact_model)
     unet = tiny_pipeline.model.model.diffusion_model
     x, t, context = _inputs(batch=2)
     shapes = [r.shape for r in exact_model.control_model(
-        torch.cat([x, x]).double(), torch.zeros(4, 32, 8, 8, dtype=torch.float64), torch.cat([t, t]), context.double())]
+        torch.cat([x, x]).double(), torch.zeros(4, 32, 32, 32, dtype=torch.float64), torch.cat([t, t]), context.double())]
     g = torch.Generator().manual_seed(7)
     # residuals of mixed widths, as the ControlNet returns them with shared rows
     control = [torch.randn((2 if i < 2 else 4, *s[1:]), generator=g) for i, s in enumerate(shapes)]
