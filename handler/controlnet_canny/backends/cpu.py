@@ -26,6 +26,7 @@ from torch import nn
 from ..unet import CrossAttention, multihead_attention
 from . import Backend, BackendOptions, Probe
 from . import cpu_attention, cpu_prepack
+from .cpu_attention import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 # halvings), with unequal sides so that heights and widths cannot be confused, and an area (128) that no text
 # sequence (77 tokens per chunk) shares.
 REFERENCE_LATENT = (8, 16)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
 
 
 def cpu_model() -> str:
@@ -124,14 +117,15 @@ class CpuBackend(Backend):
         return self._kernels[variant]
 
     def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
-        start = time.perf_counter()
         directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
                                                                    Path(self.options.calibration_cache))
         cache = CalibrationCache(directory, self.dtype)
         key = f"{model_id} latents {latent_sizes} prepack {self.options.prepack} attention {self.options.attention}"
         cached = key in cache.entries
         if not cached:
+            start = time.perf_counter()
             cache.entries[key] = self._measure(model, probe, latent_sizes)
+            measured_s = time.perf_counter() - start
             cache.save()
         choice = cache.entries[key]
         modules = dict(model.named_modules())
@@ -145,7 +139,7 @@ class CpuBackend(Backend):
         self.choices = {
             "prepack": f"{len(choice['packed'])}/{len(packable)} layers ({choice['classes']})",
             "attention": kernel.name if kernel is not None else "torch",
-            "calibration": f"{'cached' if cached else 'measured'} in {time.perf_counter() - start:.1f} s",
+            "calibration": "cached" if cached else f"measured in {measured_s:.1f} s",
         }
 
     def summary(self) -> str:

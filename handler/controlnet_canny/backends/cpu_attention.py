@@ -47,7 +47,7 @@ COMPILE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 _Strides = ctypes.c_int64 * 2
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """The x86-64 feature flags of this CPU, as Linux reports them; empty on other machines."""
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return set()
@@ -62,7 +62,7 @@ def variants(dtype: torch.dtype) -> list[str]:
     """The kernel variants this CPU can run for `dtype`, widest instruction set first; [] where none."""
     if dtype not in KERNELS:
         return []
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return [variant for variant, extra in KERNELS[dtype][1].items()
             if ISAS[variant][0] | extra <= flags and variant in _allowed_by_torch()]
 
