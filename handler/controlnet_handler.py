@@ -1,27 +1,36 @@
-"""TorchServe handler for ControlNet canny: parses each request of a batch, samples compatible requests
-together, encodes the responses.
+"""TorchServe handler for ControlNet canny, scheduled per denoising step on TorchServe's continuous batching.
 
-The model math is in `controlnet_canny`, the request and response formats in `serving` (unit-tested without
-a server); this module binds them to TorchServe's context: per-request status and headers, streamed
-progress, metrics.
+TorchServe (model-config.yaml `continuousBatching: true`) calls `handle` with every request the worker holds plus
+the new ones, over and over. Each call admits the new requests (parse, preprocess, text and hint encoding), drops
+those TorchServe no longer sends (their client closed a stream) or that a cancel names, advances every held
+request by one denoising step (requests of equal forward key share one model evaluation, whatever their step),
+and answers the finished ones. A held request is answered nothing in between: a streamed one gets its progress
+event (`ts_stream_next` keeps it in TorchServe's batch); a non-streamed one is left out of the response, so
+TorchServe keeps it in the batch and its client gets one whole body at the end.
+
+The model math is in `controlnet_canny`, the request and response formats in `serving` (unit-tested without a
+server); this module binds them to TorchServe's context: per-request status and headers, streams, metrics.
 """
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from http import HTTPStatus
 from pathlib import Path
 
 import torch
-from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
 import serving
 from controlnet_canny.params import ParamError
-from controlnet_canny.pipeline import ControlNetCannyPipeline
+from controlnet_canny.pipeline import ControlNetCannyPipeline, Finished
+from serving import Held
 
 logger = logging.getLogger(__name__)
+WORKER_CHECK_SECONDS = 1.0  # how often the live worker count (and so the thread count) is re-read
 
 
 def _count(metrics, name: str, value: float, **dimensions: str) -> None:
@@ -39,7 +48,7 @@ def _error(metrics, reason: str) -> None:
 
 
 class ControlNetHandler:
-    """One instance per worker: TorchServe calls `initialize` once, then `handle` for each batch."""
+    """One instance per worker: TorchServe calls `initialize` once, then `handle` for each step of the batch."""
 
     def initialize(self, context) -> None:
         try:
@@ -55,8 +64,9 @@ class ControlNetHandler:
         model_dir = Path(context.system_properties["model_dir"])
         model_yaml = context.model_yaml_config or {}
         self.config = serving.ServingConfig.from_mapping(model_yaml.get("handler") or {})
-        # Every worker is a process of its own: without a cap, each would start one thread per core.
-        torch.set_num_threads(self.config.worker_threads(model_yaml.get("maxWorkers", 1)))
+        self.max_workers = int(model_yaml.get("maxWorkers", 1))
+        self.threads_checked = 0.0
+        self._follow_workers()
         gpu_id = context.system_properties.get("gpu_id")
         if self.config.device != "auto":
             device = self.config.device
@@ -76,90 +86,210 @@ class ControlNetHandler:
             "precision": self.pipeline.precision,
             "device": str(self.pipeline.device),
         }
+        # TorchServe's workers of one instance are children of its frontend: they share this directory
+        self.cancels = serving.CancelBoard(
+            Path(tempfile.gettempdir()) / f"controlnet-cancel-{os.getppid()}-{context.model_name}")
+        self.held: dict[str, Held] = {}  # by TorchServe's request id
+        self.evaluating: tuple = ()  # what the last step evaluated, to log changes only
         logger.info("loaded %s on %s with %d threads; backend %s", self.model_info, self.pipeline.device,
                     torch.get_num_threads(), self.pipeline.backend.summary())
 
+    def _follow_workers(self) -> None:
+        """Threads follow the live worker count, so that workers x threads never exceeds the cores as workers are
+        scaled (a worker re-reads the count at most every WORKER_CHECK_SECONDS, before computing)."""
+        now = time.monotonic()
+        if now - self.threads_checked < WORKER_CHECK_SECONDS:
+            return
+        self.threads_checked = now
+        self.workers = serving.live_workers(self.max_workers)
+        threads = self.config.worker_threads(self.workers)
+        if threads != torch.get_num_threads():
+            logger.info("threads %d (%d live worker(s))", threads, self.workers)
+            torch.set_num_threads(threads)
+
     def handle(self, data: list[dict], context) -> list[bytes]:
-        requests: dict[int, serving.ServingRequest] = {}
-        prepared = {}
-        responses: dict[int, serving.Response] = {}
+        self._follow_workers()
+        ids = dict(context.request_ids)  # index -> TorchServe's request id; entries are removed below
+        index_of = {request_id: index for index, request_id in ids.items()}
+        gone = [r for r in self.held if r not in index_of]  # TorchServe stops sending a stream whose client went
+        answers: dict[int, serving.Response] = {}
+        requests: dict[int, serving.ServingRequest] = {}  # new requests that parsed
         for index, row in enumerate(data):
-            start = time.perf_counter()
-            try:
-                request = serving.parse_request(row, context.get_all_request_header(index), self.config)
-                prepared[index] = self.pipeline.prepare(request.image, request.params, request.control_image,
-                                                        request.init_image)
-            except ParamError as err:
-                responses[index] = serving.param_error_response(err)
-                _error(context.metrics, serving.error_reason(err.field))
-                continue
-            except Exception:  # a bug must cost this request only, not the whole TorchServe batch
-                logger.exception("request %s could not be prepared", context.get_request_id(index))
-                responses[index] = serving.error_response(500, "internal error; the model log has the details", None)
-                _error(context.metrics, "internal")
-                continue
+            if ids[index] not in self.held:
+                answer = self._admit(index, row, context, requests)
+                if answer is not None:
+                    answers[index] = answer
+        for request_id in gone:
+            self._stop(context, request_id)
+        ended: dict[str, Held] = {}  # held requests answered in this call
+        while True:
+            for request_id, held in list(self.held.items()):
+                if self._stop(context, request_id, only_cancelled=True):
+                    ended[request_id] = held
+                    answers[index_of[request_id]] = serving.cancelled_response(held.request.request_id)
+            for request_id, answer in self._advance(context, ended).items():
+                answers[index_of[request_id]] = answer
+            # With more than one worker, TorchServe 0.12 sends a worker its next step only once every idle worker
+            # of the model has work (an idle one waits for a request holding the model's queue lock), so a worker
+            # that is not alone runs its requests to the end in this call (docs/serving.md, "Scheduling").
+            if self.workers == 1 or not self.held:
+                break
+
+        bodies = []
+        stream_next: dict[int, bool | None] = {}  # TorchServe's ts_stream_next per response: None for a whole body
+        for index in range(len(data)):
+            request_id = ids[index]
+            if index in answers:
+                held = ended.get(request_id)
+                request = held.request if held is not None else requests.get(index)
+                bodies.append(self._reply(context, index, request, answers[index], held))
+                stream_next[index] = False if held is not None and held.events_sent else None
+            elif self.held[request_id].request.stream:
+                bodies.append(self._progress(context, index, self.held[request_id]))
+                stream_next[index] = True
+            else:  # held, not streamed: no response now, so TorchServe keeps it in the batch
+                del context.request_ids[index]
+                bodies.append(b"")
+        # TorchServe sets ts_stream_next from these as it encodes the responses: "true" keeps a stream in the batch
+        context.stopping_criteria = {index: (lambda _, more=more: None if more is None else not more)
+                                     for index, more in stream_next.items()}
+        return bodies
+
+    def _stop(self, context, request_id: str, only_cancelled: bool = False) -> bool:
+        """Stops a held request that a cancel names (or, unless `only_cancelled`, whose client has gone)."""
+        held = self.held[request_id]
+        cancelled = held.request.request_id is not None and self.cancels.take(held.request.request_id)
+        if not cancelled and only_cancelled:
+            return False
+        del self.held[request_id]
+        if cancelled:
+            logger.info("request %s (request_id %s) cancelled", request_id, held.request.request_id)
+        else:
+            logger.info("request %s dropped: its client closed the connection", request_id)
+        _count(context.metrics, "ControlNetRequestsStopped", 1, Reason="cancelled" if cancelled else "client_gone")
+        return True
+
+    def _admit(self, index: int, row, context, requests: dict) -> serving.Response | None:
+        """A new request: answered at once (a refusal, an edge map, a cancel call) or held for sampling."""
+        start = time.perf_counter()
+        try:
+            request = serving.parse_request(row, context.get_all_request_header(index), self.config)
+            if isinstance(request, serving.CancelRequest):
+                self.cancels.post(request.request_id)
+                logger.info("cancel requested for request_id %s", request.request_id)
+                return serving.cancel_accepted_response(request.request_id)
             requests[index] = request
+            if request.request_id is not None:
+                if self.cancels.take(request.request_id):  # cancelled before it reached a worker
+                    return serving.cancelled_response(request.request_id)
+                if any(h.request.request_id == request.request_id for h in self.held.values()):
+                    raise serving.Conflict("request_id", "is the request_id of a request in flight")
+            prepared = self.pipeline.prepare(request.image, request.params, request.control_image,
+                                             request.init_image)
             _observe_seconds(context.metrics, "preprocess", time.perf_counter() - start)
             if request.mode == "edges":
-                responses[index] = self._encode(index, request, prepared[index], None, None, None, context)
-
-        to_generate = {i: p for i, p in prepared.items() if requests[i].mode == "generate"}
-        for group in serving.batch_groups(to_generate, self.config.max_batch_samples):
-            responses.update(self._generate(group, requests, prepared, context))
-        return [self._reply(context, index, requests.get(index), responses[index]) for index in range(len(data))]
-
-    def _generate(self, group: list[int], requests, prepared, context) -> dict[int, serving.Response]:
-        streaming = [i for i in group if requests[i].stream]
-        for index in streaming:
-            # The first streamed chunk carries the HTTP headers, so they are set before sampling starts.
-            context.set_response_content_type(index, serving.STREAM_TYPE)
-            context.set_response_header(index, "X-Seeds", ",".join(map(str, prepared[index].seeds)))
-
-        def on_step(done: int, total: int) -> None:
-            for index in streaming:
-                send_intermediate_predict_response(
-                    {index: serving.progress_event(done, total)}, {index: context.get_request_id(index)},
-                    "Intermediate Prediction success", 200, context,
-                )
-
-        try:
-            result = self.pipeline.generate([prepared[i] for i in group], on_step)
-        except Exception:  # one failing sampler batch must not fail the other requests of the TorchServe batch
-            logger.exception("generation failed for requests %s", [context.get_request_id(i) for i in group])
+                return self._encode(index, request, prepared, None, context)
+            sampling = self.pipeline.start(prepared)
+        except ParamError as err:
+            _error(context.metrics, serving.error_reason(err.field))
+            return serving.param_error_response(err)
+        except Exception:  # a bug must cost this request only, not the others of the batch
+            logger.exception("request %s could not be prepared", context.get_request_id(index))
             _error(context.metrics, "internal")
-            return {i: serving.error_response(500, "generation failed; the model log has the details", None) for i in group}
-        images = sum(len(samples) for samples in result.images)
-        logger.info("sampler batch: %d request(s), %d image(s), %d steps, seconds %s", len(group), images, result.steps,
-                    {phase: round(s, 3) for phase, s in result.seconds.items()})
-        _count(context.metrics, "ControlNetImagesGenerated", images)
-        _count(context.metrics, "ControlNetDenoisingSteps", result.steps)
+            return serving.error_response(500, "internal error; the model log has the details", None)
+        self.held[context.get_request_id(index)] = Held(request, sampling)
+        height, width = prepared.edge_map.shape[:2]
+        logger.info("request %s admitted: %dx%d, %d sample(s), %d steps, request_id %s", context.get_request_id(index),
+                    width, height, sampling.samples, sampling.total, request.request_id)
+        return None
+
+    def _advance(self, context, ended: dict[str, Held]) -> dict[str, serving.Response]:
+        """One step of every held request (those of equal forward key in one model evaluation each); answers
+        for those that finished, or failed (moved from `held` to `ended`)."""
+        owners = {id(h.sampling): r for r, h in self.held.items()}
+        groups = self.pipeline.groups([h.sampling for h in self.held.values()], self.config.max_batch_samples)
+        evaluating = tuple((len(g), sum(s.samples for s in g)) for g in groups)
+        if evaluating != self.evaluating:
+            logger.info("evaluating %d request(s) in %d evaluation(s) of %s sample(s)", len(owners), len(groups),
+                        "+".join(str(samples) for _, samples in evaluating) or "0")
+            self.evaluating = evaluating
+        answers = {}
+        for group in groups:
+            try:
+                self.pipeline.step(group)
+            except Exception:  # one failing evaluation must not fail the other groups
+                failed = [owners[id(s)] for s in group]
+                logger.exception("a step failed for requests %s", failed)
+                _error(context.metrics, "internal")
+                for request_id in failed:
+                    ended[request_id] = self.held.pop(request_id)
+                    answers[request_id] = serving.error_response(500, "generation failed; the model log has the details",
+                                                                  None)
+            else:
+                _count(context.metrics, "ControlNetDenoisingSteps", 1)
+        self.pipeline.backend.synchronize()  # a progress event means that step has run, not that it was queued
+        done = [r for r, h in self.held.items() if h.sampling.finished]
+        if not done:
+            return answers
+        held = [self.held.pop(r) for r in done]
+        ended.update(zip(done, held))
+        try:
+            results = self.pipeline.finish([h.sampling for h in held])
+        except Exception:
+            logger.exception("decoding failed for requests %s", done)
+            _error(context.metrics, "internal")
+            return {**answers, **{r: serving.error_response(500, "decoding failed; the model log has the details", None)
+                                  for r in done}}
+        for request_id, h, result in zip(done, held, results):
+            logger.info("request %s done: %d image(s), %d steps, threads %d (%d live worker(s)), seconds %s", request_id,
+                        len(result.images), result.steps, torch.get_num_threads(), self.workers,
+                        {phase: round(s, 3) for phase, s in result.seconds.items()})
+            self._record(context, result)
+            answers[request_id] = self._encode(None, h.request, h.sampling.prepared, result, context)
+        return answers
+
+    @staticmethod
+    def _record(context, result: Finished) -> None:
+        _count(context.metrics, "ControlNetImagesGenerated", len(result.images))
         for phase, seconds in result.seconds.items():
             _observe_seconds(context.metrics, phase, seconds)
-        for score in (score for scores in result.control_fidelity for score in scores):
+        for score in result.control_fidelity:
             context.metrics.add_metric("ControlNetControlFidelity", 100 * score, "Percent", dimensions=[],
                                        metric_type=MetricTypes.HISTOGRAM)
-        return {
-            index: self._encode(index, requests[index], prepared[index], samples, result.steps, fidelity, context)
-            for index, samples, fidelity in zip(group, result.images, result.control_fidelity)
-        }
 
-    def _encode(self, index: int, request, prepared, samples, steps: int | None, fidelity, context) -> serving.Response:
-        """The response of one request; a failure to encode it costs that request only, not the TorchServe batch."""
+    def _encode(self, index: int | None, request, prepared, result: Finished | None, context) -> serving.Response:
+        """The response of one request; a failure to encode it costs that request only."""
         try:
-            parameters = serving.effective_parameters(prepared, self.model_info, steps, request.digests, fidelity)
-            return serving.encode_result(request, prepared, samples, parameters)
+            parameters = serving.effective_parameters(
+                prepared, self.model_info, result and result.steps, request.digests, result and result.control_fidelity)
+            return serving.encode_result(request, prepared, result and result.images, parameters)
         except Exception:
-            logger.exception("the response to request %s could not be encoded", context.get_request_id(index))
+            logger.exception("the response to a request could not be encoded (%s)",
+                             context.get_request_id(index) if index is not None else "finished")
             _error(context.metrics, "internal")
             return serving.error_response(500, "internal error; the model log has the details", None)
 
-    @staticmethod
-    def _reply(context, index: int, request: serving.ServingRequest | None, response: serving.Response) -> bytes:
+    def _progress(self, context, index: int, held: Held) -> bytes:
+        """A streamed request's event for the step just run; `ts_stream_next` keeps it in TorchServe's batch."""
+        if held.events_sent == 0:
+            context.set_response_status(200, "OK", index)
+            context.set_response_content_type(index, serving.STREAM_TYPE)
+            context.set_response_header(index, "X-Seeds", ",".join(map(str, held.sampling.prepared.seeds)))
+        held.events_sent += 1
+        return serving.progress_event(held.sampling.done, held.sampling.total)
+
+    def _reply(self, context, index: int, request: serving.ServingRequest | None, response: serving.Response,
+               held: Held | None) -> bytes:
+        """A request's last response: a whole body, or a stream's last chunk (an error ends a stream that has
+        begun with an error event; its HTTP status went out with its first event), after the progress events of
+        the steps it has not reported yet."""
         context.set_response_status(response.status, HTTPStatus(response.status).phrase, index)
         for name, value in response.headers.items():
             context.set_response_header(index, name, value)
-        if request is not None and request.stream:
-            context.set_response_content_type(index, serving.STREAM_TYPE)
-            return serving.stream_final_line(response)
-        context.set_response_content_type(index, response.content_type)
-        return response.body
+        if request is None or not request.stream:
+            context.set_response_content_type(index, response.content_type)
+            return response.body
+        context.set_response_content_type(index, serving.STREAM_TYPE)
+        unsent = range(held.events_sent + 1, held.sampling.done + 1) if held is not None else ()
+        return b"".join(serving.progress_event(step, held.sampling.total) for step in unsent) + \
+            serving.stream_final_line(response)

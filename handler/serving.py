@@ -2,9 +2,11 @@
 can drive it without a server.
 
 A request is a multipart form (image file parts plus text fields) or a JSON object (images as base64): `image`
-(canny runs on it), `control_image` (the client's own control map instead) and `init_image` (img2img). Besides the generation parameters of `controlnet_canny.params`, three transport fields exist:
-`output` (zip | png | json, else the Accept header decides), `stream` (newline-delimited JSON progress
-events, then the result) and `mode` (generate | edges: the edge map alone, no diffusion).
+(canny runs on it), `control_image` (the client's own control map instead) and `init_image` (img2img). Besides the
+generation parameters of `controlnet_canny.params`, transport fields: `output` (zip | png | json, else the Accept
+header decides), `stream` (newline-delimited JSON progress events, then the result), `request_id` (the client's
+name for the request, which a cancel call names) and `mode` (generate | edges: the edge map alone, no diffusion |
+cancel: stop the request of that request_id).
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import binascii
 import hashlib
 import json
 import os
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from email import policy
+from pathlib import Path
 from email.parser import BytesParser
 from typing import Any
 
@@ -24,13 +29,14 @@ import numpy as np
 from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.backends import BackendOptions
 from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, check_cost, parse_params
-from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared
+from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared, Sampling
 from controlnet_canny.preprocess import checked_output_size, decode_control_map, decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
 IMAGE_FIELDS = ("image", "control_image", "init_image")
-TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "mode")
-MODES = ("generate", "edges")
+TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "mode", "request_id")
+MODES = ("generate", "edges", "cancel")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
 STREAM_TYPE = "application/x-ndjson"
 DEFAULT_OUTPUT = "zip"
@@ -40,6 +46,16 @@ ECHO_CHARS = 40  # how much of a client's value or name an error message repeats
 class NotAcceptable(ParamError):
     """No response format the client accepts (406)."""
     status = 406
+
+
+class Conflict(ParamError):
+    """A request_id that another request in flight has (409)."""
+    status = 409
+
+
+class TooManyCancels(ParamError):
+    """More pending cancels than the board keeps (503: try again when some have expired)."""
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -87,12 +103,91 @@ class ServingConfig:
             raise ValueError(f"handler.defaults.{err.field}: {err.message}") from None
         return config
 
-    def worker_threads(self, max_workers: int) -> int:
+    def worker_threads(self, workers: int) -> int:
+        """handler.threads, else the usable cores shared by `workers` workers."""
         if self.threads:
             return self.threads
         # CONTROLNET_CPUS: the cores this server may use where the affinity shows more (a pod's CPU request)
         cores = int(os.environ.get("CONTROLNET_CPUS") or len(os.sched_getaffinity(0)))
-        return max(1, cores // max(1, max_workers))
+        return max(1, cores // max(1, workers))
+
+
+def live_workers(fallback: int, proc: Path = Path("/proc")) -> int:
+    """TorchServe's worker processes of this instance, this one included: the children of this process's parent
+    (the frontend) that run ts/model_service_worker.py. `fallback` where /proc cannot tell (not Linux)."""
+    parent = os.getppid()
+    try:
+        entries = [entry for entry in os.scandir(proc) if entry.name.isdigit()]
+    except OSError:
+        return fallback
+    count = 0
+    for entry in entries:
+        try:
+            stat = (Path(entry.path) / "stat").read_text()
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after its last ")"
+            if int(stat.rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            count += b"model_service_worker" in (Path(entry.path) / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):  # a process that ended while being read
+            continue
+    return max(1, count)
+
+
+class CancelBoard:
+    """Cancel calls, shared by the workers of one TorchServe instance through a directory: an empty file per
+    request_id, named by its sha256 so that no client text becomes a path. Whichever worker takes a cancel call
+    posts it; the worker holding that request takes it before its next step, and a request that arrives after
+    its cancel is refused. Entries expire after `ttl` seconds (a cancel for a request that never comes), at most
+    `capacity` are kept, and the directory goes when it is empty."""
+
+    def __init__(self, directory: Path, ttl: float = 600.0, capacity: int = 4096):
+        self.directory, self.ttl, self.capacity = directory, ttl, capacity
+        self.swept = 0.0
+
+    def _entry(self, request_id: str) -> Path:
+        return self.directory / hashlib.sha256(request_id.encode()).hexdigest()
+
+    def post(self, request_id: str) -> None:
+        self.sweep(force=True)
+        if self.directory.is_dir() and len(os.listdir(self.directory)) >= self.capacity:
+            raise TooManyCancels("request_id", f"{self.capacity} cancels are pending; try again later")
+        for _ in range(2):  # another worker may remove the directory between the two calls
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            try:
+                self._entry(request_id).touch()
+                return
+            except FileNotFoundError:
+                continue
+
+    def take(self, request_id: str) -> bool:
+        """Whether a cancel for `request_id` is pending; taking it removes it."""
+        self.sweep()
+        try:
+            self._entry(request_id).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def sweep(self, force: bool = False) -> None:
+        """Removes expired entries, and the directory once empty (at most once a second unless forced)."""
+        now = time.time()
+        if not force and now - self.swept < 1.0:
+            return
+        self.swept = now
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            try:
+                if now - entry.stat().st_mtime > self.ttl:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+        try:
+            self.directory.rmdir()
+        except OSError:  # not empty, or gone
+            pass
 
 
 @dataclass(frozen=True)
@@ -105,6 +200,21 @@ class ServingRequest:
     control_image: np.ndarray | None = None  # (H, W) or (H, W, 3) uint8, sized like `image`
     init_image: np.ndarray | None = None  # (H, W, 3) uint8 RGB, any size
     digests: Mapping[str, str] = field(default_factory=dict)  # control_image / init_image: sha256 of the bytes sent
+    request_id: str | None = None  # the client's name for it, which a cancel call names
+
+
+@dataclass
+class Held:
+    """A request a worker holds between its admission and its last response."""
+    request: ServingRequest
+    sampling: Sampling
+    events_sent: int = 0  # responses a stream has had (the first one carries the HTTP status and headers)
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """mode=cancel: stop the request that the client named `request_id`."""
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -243,7 +353,16 @@ def _output_from_accept(accept: str, formats: Sequence[str]) -> str:
     return best[1]
 
 
-def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: ServingConfig) -> ServingRequest:
+def _request_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
+        raise ParamError("request_id", f"must be 1 to 64 characters of A-Z a-z 0-9 . _ : -, got {_echo(str(value))!r}")
+    return value
+
+
+def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any],
+                  config: ServingConfig) -> ServingRequest | CancelRequest:
     """One TorchServe request row to a validated request; every client mistake is a ParamError naming its field."""
     raw = request_fields(row, headers)
     unknown = sorted(set(raw) - set(GENERATION_FIELDS) - set(TRANSPORT_FIELDS))
@@ -252,6 +371,13 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     mode = raw.pop("mode", "generate")
     if mode not in MODES:
         raise ParamError("mode", f"must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
+    request_id = _request_id(raw.pop("request_id", None))
+    if mode == "cancel":
+        if request_id is None:
+            raise ParamError("request_id", "is required with mode=cancel: the request_id of the request to stop")
+        if raw:
+            raise ParamError(_echo(sorted(raw)[0]), "mode=cancel takes request_id alone")
+        return CancelRequest(request_id)
     stream = as_bool("stream", raw.pop("stream", False))
     output = raw.pop("output", None)
     if output not in (None, *OUTPUT_TYPES):  # a tuple: JSON may send unhashable values
@@ -283,20 +409,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], config: Se
             height, width = checked_output_size(*(image if image is not None else control).shape[:2],
                                                 params.image_resolution)
         check_cost(params, height, width, config.limits)
-    return ServingRequest(params, image, output, stream, mode, control, init, digests)
-
-
-def batch_groups(prepared: Mapping[int, Prepared], max_samples: int) -> list[list[int]]:
-    """Indices of requests that can share one sampler batch (equal batch_key), each group holding at most
-    `max_samples` samples (a single larger request still runs, alone)."""
-    by_key: dict[tuple, list[list[int]]] = {}
-    for index, item in prepared.items():
-        chunks = by_key.setdefault(item.batch_key, [[]])
-        samples = sum(prepared[i].params.num_samples for i in chunks[-1])
-        if chunks[-1] and samples + item.params.num_samples > max_samples:
-            chunks.append([])
-        chunks[-1].append(index)
-    return [chunk for chunks in by_key.values() for chunk in chunks]
+    return ServingRequest(params, image, output, stream, mode, control, init, digests, request_id)
 
 
 def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: int | None,
@@ -362,6 +475,15 @@ def error_response(status: int, error: str, field_name: str | None) -> Response:
 
 def param_error_response(err: ParamError) -> Response:
     return error_response(err.status, str(err), err.field)
+
+
+def cancel_accepted_response(request_id: str) -> Response:
+    """202: the worker holding the request stops it before its next step (it answers 409)."""
+    return Response(202, json.dumps({"request_id": request_id, "cancel": "accepted"}).encode(), OUTPUT_TYPES["json"])
+
+
+def cancelled_response(request_id: str) -> Response:
+    return error_response(409, f"request_id: cancelled by a mode=cancel call for {request_id!r}", "request_id")
 
 
 def progress_event(done: int, total: int) -> bytes:

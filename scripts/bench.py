@@ -467,8 +467,8 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
         start = time.perf_counter()
         image = decode_image(image_path.read_bytes(), 2**24, 2**24)
         prepared = pipe.prepare(image, GenerationParams(**fields))
-        result = pipe.generate([prepared])
-        make_bundle([encode_png(img, {}) for img in result.images[0]], encode_png(prepared.edge_map), {})
+        (result,) = pipe.generate([prepared])
+        make_bundle([encode_png(img, {}) for img in result.images], encode_png(prepared.edge_map), {})
         bare.append(time.perf_counter() - start)
     return statistics.median(served), statistics.median(bare)
 
@@ -487,9 +487,9 @@ def drift(device: torch.device) -> dict[str, tuple[float, float]]:
     drifts = {}
     for label, extra in (("scale 9, 20 steps", {}), ("scale 1, 20 steps", {"scale": 1.0})):
         params = GenerationParams(prompt="a house", image_resolution=64, seed=1, **extra)
-        expected = reference.generate([reference.prepare(image, params)]).images[0][0].astype(int)
+        expected = reference.generate([reference.prepare(image, params)])[0].images[0].astype(int)
         for d, p in candidates:
-            got = pipes[d, p].generate([pipes[d, p].prepare(image, params)]).images[0][0].astype(int)
+            got = pipes[d, p].generate([pipes[d, p].prepare(image, params)])[0].images[0].astype(int)
             drifts[f"{label}, {d.type} {p} vs cpu fp32"] = (float(np.abs(got - expected).max()),
                                                             float(np.abs(got - expected).mean()))
     return drifts

@@ -24,6 +24,7 @@ import itertools
 import json
 import sys
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -69,12 +70,23 @@ class Client:
         return response.ok and response.json().get("status") == "Healthy"
 
     def predict(self, images: dict[str, Path], fields: dict, stream: bool = False) -> requests.Response:
-        """`images`: file field name (image, control_image, init_image) to path."""
+        """`images`: file field name (image, control_image, init_image) to path. `fields` may name the request
+        (request_id), so that `cancel` can stop it."""
         data = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in fields.items()}
         return self.session.post(
             f"{self.url}/predictions/{self.model}", headers=self.headers, data=data,
             files={name: (path.name, path.read_bytes()) for name, path in images.items()}, stream=stream, timeout=3600,
         )
+
+
+    def cancel(self, request_id: str) -> None:
+        """Stops the request of that request_id at its next step, on whichever worker holds it (202)."""
+        self.session.post(f"{self.url}/predictions/{self.model}", headers=self.headers,
+                          json={"mode": "cancel", "request_id": request_id}, timeout=30)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 def request_images(args: argparse.Namespace) -> dict[str, Path]:
@@ -104,23 +116,35 @@ def save_result(result: dict, out: Path) -> list[Path]:
 
 
 def generate(client: Client, args: argparse.Namespace) -> None:
-    fields = {**parse_params(args.param), "prompt": args.prompt, "stream": True}
+    request_id = new_request_id()
+    fields = {**parse_params(args.param), "prompt": args.prompt, "stream": True, "request_id": request_id}
     if args.edges:
         fields["mode"] = "edges"
-    response = client.predict(request_images(args), fields, stream=True)
+    result = None
+
+    def interrupted() -> None:
+        client.cancel(request_id)  # the server stops it at its next step instead of finishing it for nobody
+        sys.exit(f"interrupted: request {request_id} cancelled")
+
+    try:
+        response = client.predict(request_images(args), fields, stream=True)  # the headers come with the first step
+    except KeyboardInterrupt:
+        interrupted()
     if response.status_code != 200:
         fail(response)
-    result = None
     with response, tqdm(desc="denoising", unit="step", disable=args.edges) as bar:
-        for line in filter(None, response.iter_lines()):
-            event = json.loads(line)
-            if event["event"] == "progress":
-                bar.total = event["steps"]
-                bar.update(event["step"] - bar.n)
-            elif event["event"] == "error":
-                sys.exit(f"error: {event['error']}")
-            else:
-                result = event
+        try:  # inside the stream: the cancel reaches the request before the closed connection would drop it
+            for line in filter(None, response.iter_lines()):
+                event = json.loads(line)
+                if event["event"] == "progress":
+                    bar.total = event["steps"]
+                    bar.update(event["step"] - bar.n)
+                elif event["event"] == "error":
+                    sys.exit(f"error: {event['error']}")
+                else:
+                    result = event
+        except KeyboardInterrupt:
+            interrupted()
     if result is None:
         sys.exit("error: the stream ended without a result")
     for path in save_result(result, args.out):
@@ -224,41 +248,67 @@ def sweep(client: Client, args: argparse.Namespace) -> None:
         with manifest.open("a") as file:
             file.write("\n")  # end the line an interrupted run left unfinished
 
+    in_flight: set[str] = set()  # request_ids, for the cancels an interrupt sends
+    lock = threading.Lock()
+
     def run(fields: dict) -> dict:
-        response = client.predict(images, {**fields, "output": "json"})
+        request_id = new_request_id()
+        with lock:
+            in_flight.add(request_id)
+        try:
+            response = client.predict(images, {**fields, "output": "json", "request_id": request_id})
+        finally:
+            with lock:
+                in_flight.discard(request_id)
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
 
     failures = 0
-    with ThreadPoolExecutor(max_workers=args.concurrency) as pool, manifest.open("a") as rows, \
-            tqdm(total=len(pending), desc="sweep", unit="item") as bar:
-        futures = {pool.submit(run, fields): fields for fields in pending}
-        for future in as_completed(futures):
-            fields = futures[future]
-            key = item_id(fields, image_digest)
-            bar.update()
-            try:
-                result = future.result()
-            except (RuntimeError, requests.RequestException) as err:
-                failures += 1
-                tqdm.write(f"item {key} {fields}: {err}")
-                continue
-            parameters = result["parameters"]
-            lines = []
-            for index, png in enumerate(result["images"]):
-                name = f"{key}_{index:02d}.png"
-                (args.out / name).write_bytes(base64.b64decode(png))
-                lines.append(json.dumps({
-                    "item": key, "file": name, "sample_index": index, **parameters, "seed": parameters["seeds"][index],
-                    "control_fidelity": parameters["control_fidelity"][index],
-                    "request": fields, "image": str(images["image"]) if "image" in images else None,
-                    **{f"{name}_file": str(images[name]) for name in IMAGE_OPTIONS[1:] if name in images},
-                }))
-            rows.write("".join(line + "\n" for line in lines))  # after the images: a listed item is complete
-            rows.flush()
+    pool = ThreadPoolExecutor(max_workers=args.concurrency)
+    try:
+        with manifest.open("a") as rows, tqdm(total=len(pending), desc="sweep", unit="item") as bar:
+            futures = {pool.submit(run, fields): fields for fields in pending}
+            failures = _collect(futures, rows, bar, args, images, image_digest)
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        with lock:
+            cancelled = sorted(in_flight)
+        for request_id in cancelled:
+            client.cancel(request_id)
+        sys.exit(f"interrupted: {len(cancelled)} request(s) in flight cancelled; run the same command again to resume")
+    pool.shutdown()
     if failures:
         sys.exit(f"{failures} item(s) failed; run the same command again to retry them")
+
+
+def _collect(futures: dict, rows, bar, args: argparse.Namespace, images: dict[str, Path], image_digest: str) -> int:
+    """Writes each finished item's images, then its manifest lines; returns how many failed."""
+    failures = 0
+    for future in as_completed(futures):
+        fields = futures[future]
+        key = item_id(fields, image_digest)
+        bar.update()
+        try:
+            result = future.result()
+        except (RuntimeError, requests.RequestException) as err:
+            failures += 1
+            tqdm.write(f"item {key} {fields}: {err}")
+            continue
+        parameters = result["parameters"]
+        lines = []
+        for index, png in enumerate(result["images"]):
+            name = f"{key}_{index:02d}.png"
+            (args.out / name).write_bytes(base64.b64decode(png))
+            lines.append(json.dumps({
+                "item": key, "file": name, "sample_index": index, **parameters, "seed": parameters["seeds"][index],
+                "control_fidelity": parameters["control_fidelity"][index],
+                "request": fields, "image": str(images["image"]) if "image" in images else None,
+                **{f"{name}_file": str(images[name]) for name in IMAGE_OPTIONS[1:] if name in images},
+            }))
+        rows.write("".join(line + "\n" for line in lines))  # after the images: a listed item is complete
+        rows.flush()
+    return failures
 
 
 def read_key(key_file: Path, kind: str) -> str:

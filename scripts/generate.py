@@ -87,15 +87,15 @@ def main(argv: list[str] | None = None) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        result = pipeline.generate([prepared], on_step)
+        (result,) = pipeline.generate([prepared], on_step)
     model = {"model": None, "model_version": None,  # offline: no TorchServe model
              "checkpoints": [p.name for p in args.checkpoint], "config": args.config.name,
              "precision": pipeline.precision, "device": str(pipeline.device)}
     digests = {name: hashlib.sha256(data).hexdigest() for name, data in sent.items() if name != "image"}
-    effective = effective_parameters(prepared, model, result.steps, digests, result.control_fidelity[0])
+    effective = effective_parameters(prepared, model, result.steps, digests, result.control_fidelity)
     for warning in effective["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    samples = sample_pngs(prepared, result.images[0], effective)
+    samples = sample_pngs(prepared, result.images, effective)
     args.out.write_bytes(make_bundle(samples, encode_png(prepared.edge_map), effective))
     print(f"{args.out}: {len(samples)} sample(s), seeds {prepared.seeds}", file=sys.stderr)
 

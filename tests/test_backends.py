@@ -221,12 +221,12 @@ def test_clocks_read_after_a_synchronisation_and_decoding_is_batched(tiny_pipeli
     monkeypatch.setattr(pipeline_module.time, "perf_counter", lambda: events.append("clock") or 0.0)
     prepared = tiny_pipeline.prepare(house_image, GenerationParams(prompt="a house", num_samples=3, ddim_steps=2,
                                                                    image_resolution=64, seed=1))
-    result = tiny_pipeline.generate([prepared])
+    (result,) = tiny_pipeline.generate([prepared])
     assert [e for e in events if isinstance(e, tuple)] == [("decode", 2), ("decode", 1)]
     clocks = [i for i, e in enumerate(events) if e == "clock"]
     # every phase's closing clock follows a synchronisation: text and sampling end with queued device work
     assert events[clocks[1] - 1] == "sync" and events[clocks[3] - 1] == "sync"
-    assert len(result.images[0]) == 3 and all(image.dtype == np.uint8 for image in result.images[0])
+    assert len(result.images) == 3 and all(image.dtype == np.uint8 for image in result.images)
 
 
 def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_pipeline):

@@ -87,7 +87,7 @@ def test_pipeline_images_identical_across_formats(tiny_dir, tiny_pipeline, house
         [tiny_dir / "tiny_sd15_base.safetensors", tiny_dir / "control_tiny_v11_canny.pth"], TINY_CONFIG, device="cpu",
         precision="fp32",
     )
-    images = [pipe.generate([pipe.prepare(house_image, params)]).images[0][0] for pipe in (tiny_pipeline, split)]
+    images = [pipe.generate([pipe.prepare(house_image, params)])[0].images[0] for pipe in (tiny_pipeline, split)]
     assert images[0].shape == (64, 64, 3)
     assert images[0].tobytes() == images[1].tobytes()
 

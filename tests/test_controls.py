@@ -21,7 +21,7 @@ def _params(**kwargs) -> GenerationParams:
 
 
 def _run(pipe, image, control_image=None, init_image=None, **kwargs) -> list[np.ndarray]:
-    return pipe.generate([pipe.prepare(image, _params(**kwargs), control_image, init_image)]).images[0]
+    return pipe.generate([pipe.prepare(image, _params(**kwargs), control_image, init_image)])[0].images
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_width_height_and_resize_modes(tiny_pipeline, house_image):
         shapes[mode] = prepared.edge_map
     assert not np.array_equal(shapes["crop_and_resize"], shapes["just_resize"])
     assert not shapes["resize_and_fill"][:, :80].any()  # the fill: no image, no edges (the seam makes none)
-    image = tiny_pipeline.generate([tiny_pipeline.prepare(house_image, _params(width=256, height=64))]).images[0][0]
+    image = tiny_pipeline.generate([tiny_pipeline.prepare(house_image, _params(width=256, height=64))])[0].images[0]
     assert image.shape == (64, 256, 3)
 
 
@@ -175,12 +175,12 @@ def test_img2img(tiny_pipeline, house_image, baseline):
     calls = []
     prepared = tiny_pipeline.prepare(house_image, _params(ddim_steps=10, denoising_strength=0.5), init_image=init)
     assert prepared.init_image.shape == (64, 64, 3)
-    result = tiny_pipeline.generate([prepared], lambda done, total: calls.append((done, total)))
+    (result,) = tiny_pipeline.generate([prepared], lambda done, total: calls.append((done, total)))
     assert result.steps == 5 and calls[-1] == (5, 5)
-    red = result.images[0][0].astype(int)
-    assert clearly_differ(result.images[0][0], _run(tiny_pipeline, house_image, ddim_steps=10)[0])
+    red = result.images[0].astype(int)
+    assert clearly_differ(result.images[0], _run(tiny_pipeline, house_image, ddim_steps=10)[0])
     weaker = _run(tiny_pipeline, house_image, init_image=init, ddim_steps=10, denoising_strength=0.2)[0]
-    assert clearly_differ(weaker, result.images[0][0]) and red.std() > 1
+    assert clearly_differ(weaker, result.images[0]) and red.std() > 1
 
 
 def test_img2img_strength_without_steps_refused(tiny_pipeline, house_image):
@@ -202,10 +202,9 @@ def test_img2img_batched_equal_alone(tiny_pipeline, house_image):
     params = dict(ddim_steps=4, denoising_strength=0.75, eta=0.5)
     a = tiny_pipeline.prepare(house_image, _params(seed=3, num_samples=2, **params), init_image=init)
     b = tiny_pipeline.prepare(house_image, _params(seed=30, **{**params, "eta": 0.0}), init_image=init)
-    assert a.batch_key == b.batch_key
-    together = tiny_pipeline.generate([a, b]).images
-    assert max_diff(together[0][1], tiny_pipeline.generate([a]).images[0][1]) <= 1
-    assert max_diff(together[1][0], tiny_pipeline.generate([b]).images[0][0]) <= 1
+    together = [r.images for r in tiny_pipeline.generate([a, b])]
+    assert max_diff(together[0][1], tiny_pipeline.generate([a])[0].images[1]) <= 1
+    assert max_diff(together[1][0], tiny_pipeline.generate([b])[0].images[0]) <= 1
 
 
 LONG = ", ".join(f"a tall red house number {i}" for i in range(14))  # 97 tokens, 102 with a_prompt
@@ -223,9 +222,9 @@ def test_long_prompt(tiny_pipeline, house_image):
     short = tiny_pipeline.prepare(house_image, _params(long_prompt=True))
     assert short.context_chunks == 1 and short.warnings == ()
     long = tiny_pipeline.prepare(house_image, _params(prompt=LONG, long_prompt=True))
-    assert long.context_chunks == 2 and long.warnings == () and long.batch_key != short.batch_key
+    assert long.context_chunks == 2 and long.warnings == ()
     truncated = _run(tiny_pipeline, house_image, prompt=LONG)[0]
-    chunked = tiny_pipeline.generate([long]).images[0][0]
+    chunked = tiny_pipeline.generate([long])[0].images[0]
     assert clearly_differ(chunked, truncated)
     # a short prompt: the same context either way
     assert _run(tiny_pipeline, house_image, long_prompt=True)[0].tobytes() == \
@@ -233,8 +232,8 @@ def test_long_prompt(tiny_pipeline, house_image):
 
 
 def test_control_fidelity_per_sample(tiny_pipeline, house_image):
-    result = tiny_pipeline.generate([tiny_pipeline.prepare(house_image, _params(num_samples=2))])
-    scores = result.control_fidelity[0]
+    (result,) = tiny_pipeline.generate([tiny_pipeline.prepare(house_image, _params(num_samples=2))])
+    scores = result.control_fidelity
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
 
 
@@ -248,21 +247,21 @@ def test_noise_drawn_before_the_first_step(tiny_pipeline, house_image, monkeypat
         draws.append(kwargs.get("generator") is not None)
         return randn(*args, **kwargs)
 
-    sampling = tiny_pipeline.start([tiny_pipeline.prepare(house_image, _params(sampler="euler_a", num_samples=2))])
-    assert sampling.noise[0].shape[:2] == (1 + STEPS, 2)
+    sampling = tiny_pipeline.start(tiny_pipeline.prepare(house_image, _params(sampler="euler_a", num_samples=2)))
+    assert sampling.noise.shape[:2] == (1 + STEPS, 2)
     monkeypatch.setattr(torch, "randn", counting)
-    while sampling.done < sampling.total:
-        tiny_pipeline.step(sampling)
+    while not sampling.finished:
+        tiny_pipeline.step([sampling])
     assert draws == []
-    assert tiny_pipeline.finish(sampling).images[0][0].shape == (64, 64, 3)
+    assert tiny_pipeline.finish([sampling])[0].images[0].shape == (64, 64, 3)
 
 
 def test_eta_noise_order_unchanged(tiny_pipeline, house_image):
     """A sample's generator draws x_T, then one tensor per step (eta > 0): as before the draws moved up front."""
-    sampling = tiny_pipeline.start([tiny_pipeline.prepare(house_image, _params(eta=0.5))])
+    sampling = tiny_pipeline.start(tiny_pipeline.prepare(house_image, _params(eta=0.5)))
     generator = torch.Generator("cpu").manual_seed(11)
     expected = torch.stack([torch.randn((1, 4, 8, 8), generator=generator) for _ in range(1 + STEPS)])
-    assert torch.equal(sampling.noise[0], expected)
+    assert torch.equal(sampling.noise, expected)
 
 
 def test_progress_and_timers_synchronise(tiny_pipeline, house_image, monkeypatch):

@@ -173,7 +173,7 @@ def test_bf16_kernel_drifts_from_fp32_no_more_than_torchs_bf16_attention(tiny_ch
         pipe = ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, "cpu", precision,
                                             BackendOptions(attention=attention, calibration_cache=""))
         params = GenerationParams(prompt="a house", seed=3, ddim_steps=4, image_resolution=64)
-        return pipe, pipe.generate([pipe.prepare(house_image, params)]).images[0][0].astype(int)
+        return pipe, pipe.generate([pipe.prepare(house_image, params)])[0].images[0].astype(int)
 
     _, reference = image("fp32", "torch")
     kernel_pipe, with_kernel = image("bf16", "avx512")

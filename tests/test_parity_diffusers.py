@@ -419,8 +419,8 @@ def test_full_ddim_run_with_guidance_matches(
 
     monkeypatch.setattr(samplers, "model_input", recording_model_input)
     monkeypatch.setattr(samplers, "result", recording_result)
-    result = pipeline.generate([prepared])
-    ours_images = np.stack(result.images[0])
+    (result,) = pipeline.generate([prepared])
+    ours_images = np.stack(result.images)
     (ours_final,) = finals
     assert [int(t[0]) for _, t in steps] == ddim.ddim_timesteps(20)[::-1] and result.steps == 20
 

@@ -11,6 +11,7 @@ from controlnet_canny.params import GenerationParams
 from conftest import clearly_differ, max_diff
 
 STEPS = 4
+LONG_PROMPT = ", ".join(f"a tall red house number {i}" for i in range(14))  # two 77-token chunks
 
 
 def _params(**kwargs) -> GenerationParams:
@@ -18,7 +19,7 @@ def _params(**kwargs) -> GenerationParams:
 
 
 def _run(pipe, image, **kwargs) -> list[np.ndarray]:
-    return pipe.generate([pipe.prepare(image, _params(**kwargs))]).images[0]
+    return pipe.generate([pipe.prepare(image, _params(**kwargs))])[0].images
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +71,71 @@ def test_batched_requests_equal_alone(tiny_pipeline, house_image, other_image, g
         prompt="a castle", a_prompt="sharp", n_prompt="blurry", seed=900, num_samples=2, strength=0.6, scale=4.0,
         eta=0.4, guess_mode=guess_mode,
     ))
-    assert a.batch_key == b.batch_key
     together = tiny_pipeline.generate([a, b])
-    assert [len(x) for x in together.images] == [1, 2]
-    alone_a = tiny_pipeline.generate([a]).images[0]
-    alone_b = tiny_pipeline.generate([b]).images[0]
-    assert max_diff(together.images[0][0], alone_a[0]) <= 1
-    for got, expected in zip(together.images[1], alone_b):
+    assert [len(x.images) for x in together] == [1, 2]
+    alone_a = tiny_pipeline.generate([a])[0].images
+    alone_b = tiny_pipeline.generate([b])[0].images
+    assert max_diff(together[0].images[0], alone_a[0]) <= 1
+    for got, expected in zip(together[1].images, alone_b):
         assert max_diff(got, expected) <= 1
     assert clearly_differ(alone_a[0], alone_b[0])
 
 
-def test_incompatible_requests_not_batched(tiny_pipeline, house_image):
+def _step_until_done(pipe, samplings) -> int:
+    """Steps every unfinished sampling until all are done; returns how many evaluations were shared."""
+    shared = 0
+    while not all(s.finished for s in samplings):
+        for group in pipe.groups([s for s in samplings if not s.finished]):
+            shared += len(group) > 1
+            pipe.step(group)
+    return shared
+
+
+@pytest.mark.parametrize("late", [
+    {"sampler": "euler_a", "ddim_steps": 3, "num_samples": 2},  # ancestral noise: draws of its own, up front
+    {"sampler": "dpmpp_2m", "ddim_steps": 5, "eta": 0.0},  # a multistep history of its own
+    {"ddim_steps": 4, "eta": 0.6, "scale": 3.0, "strength": 0.5},
+])
+def test_request_joining_mid_flight_equals_alone(tiny_pipeline, house_image, other_image, late):
+    """Continuous batching: b joins while a is two steps in; they share every later model evaluation at
+    different timesteps (and samplers), and each gets the pixels it gets alone."""
+    a = tiny_pipeline.prepare(house_image, _params(seed=5, ddim_steps=6, eta=0.3))
+    b = tiny_pipeline.prepare(other_image, _params(prompt="a castle", seed=900, **late))
+    first = tiny_pipeline.start(a)
+    for _ in range(2):
+        tiny_pipeline.step([first])
+    second = tiny_pipeline.start(b)
+    assert _step_until_done(tiny_pipeline, [first, second]) == min(first.total - 2, second.total)
+    joined = tiny_pipeline.finish([first, second])
+    for result, prepared in zip(joined, (a, b)):
+        alone = tiny_pipeline.generate([prepared])[0].images
+        for got, expected in zip(result.images, alone, strict=True):
+            assert max_diff(got, expected) <= 1
+    assert clearly_differ(joined[0].images[0], joined[1].images[0])
+
+
+@pytest.mark.parametrize("other, shared", [
+    ({"guess_mode": True}, 0), ({"scale": 1.0}, 0), ({"image_resolution": 128}, 0),
+    ({"prompt": LONG_PROMPT, "long_prompt": True}, 0),
+    ({"guidance_start": 0.5}, STEPS // 2),  # the ControlNet joins it halfway: from then on they share
+])
+def test_requests_that_cannot_share_an_evaluation_still_run_together(tiny_pipeline, house_image, other, shared):
     a = tiny_pipeline.prepare(house_image, _params())
-    for other in (_params(ddim_steps=STEPS + 1), _params(guess_mode=True), _params(scale=1.0),
-                  _params(image_resolution=128)):
-        b = tiny_pipeline.prepare(house_image, other)
-        assert b.batch_key != a.batch_key
-        with pytest.raises(ValueError):
-            tiny_pipeline.generate([a, b])
+    b = tiny_pipeline.prepare(house_image, _params(**other))
+    samplings = [tiny_pipeline.start(a), tiny_pipeline.start(b)]
+    assert samplings[0].forward_key != samplings[1].forward_key
+    with pytest.raises(ValueError):
+        tiny_pipeline.step(samplings)
+    assert _step_until_done(tiny_pipeline, samplings) == shared
+    together = tiny_pipeline.finish(samplings)
+    assert max_diff(together[1].images[0], tiny_pipeline.generate([b])[0].images[0]) <= 1
+
+
+def test_groups_bound_the_samples_of_an_evaluation(tiny_pipeline, house_image):
+    samplings = [tiny_pipeline.start(tiny_pipeline.prepare(house_image, _params(num_samples=n, seed=i)))
+                 for i, n in enumerate((2, 3, 1, 5, 2))]
+    assert [[s.samples for s in g] for g in tiny_pipeline.groups(samplings, 4)] == [[2], [3, 1], [5], [2]]
+    assert len(tiny_pipeline.groups(samplings)) == 1
 
 
 def test_eta_reproducible_and_matters(tiny_pipeline, house_image, baseline):
@@ -121,7 +168,7 @@ def test_prompt_matters(tiny_pipeline, house_image, baseline):
 def _visited(pipe, image, steps) -> tuple[list[tuple[int, int]], int]:
     calls = []
     prepared = pipe.prepare(image, _params(ddim_steps=steps))
-    result = pipe.generate([prepared], callback=lambda done, total: calls.append((done, total)))
+    (result,) = pipe.generate([prepared], callback=lambda done, total: calls.append((done, total)))
     assert set(result.seconds) >= {"text", "sampling", "decoding"}
     return calls, result.steps
 

@@ -7,8 +7,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -80,7 +82,7 @@ def test_model_config_template_is_valid_once_filled():
     """handler/model-config.yaml with what scripts/build_mar.py fills in."""
     section = yaml.safe_load(Path(serving.__file__).with_name("model-config.yaml").read_text())["handler"]
     config = serving.ServingConfig.from_mapping({**section, "checkpoints": ["a.pth"], "model_config": "cldm_v15.yaml"})
-    assert config.worker_threads(max_workers=1) >= 1
+    assert config.worker_threads(workers=1) >= 1
 
 
 # --- request parsing ------------------------------------------------------------------------------------
@@ -191,14 +193,6 @@ def fake_prepared(config, num_samples=1, steps=20, size=64, seed=1) -> Prepared:
     return Prepared(params, np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8))
 
 
-def test_batch_groups_by_key_and_sample_budget(config):
-    prepared = {
-        0: fake_prepared(config), 1: fake_prepared(config, steps=10), 2: fake_prepared(config, num_samples=4),
-        3: fake_prepared(config, num_samples=4), 4: fake_prepared(config, size=128), 5: fake_prepared(config, num_samples=8),
-    }
-    assert serving.batch_groups(prepared, max_samples=6) == [[0, 2], [3], [5], [1], [4]]
-
-
 def test_encoded_results_carry_parameters_and_seeds(config):
     prepared = fake_prepared(config, num_samples=2, seed=40)
     images = [np.full((64, 64, 3), value, np.uint8) for value in (10, 20)]
@@ -260,15 +254,54 @@ def handler(tiny_checkpoint, tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def run_batch(handler, rows: list[tuple[dict, dict]]):
+def run_batch(handler, rows: list[tuple[dict, dict]], on_call=None, arrive_at: list[int] | None = None,
+              leave_at: dict[int, int] | None = None):
+    """TorchServe's ContinuousBatching as the handler sees it: `handle` is called with every request that has not
+    had its last response, until each has. A request the handler leaves out of a call's response is sent again
+    whole; one answered with ts_stream_next true is sent again without its parameters. Returns each request's
+    status and headers (of its first response, as the client sees them) and its body (a stream's chunks joined).
+    `on_call(call, ids)` runs before each call with the TorchServe ids it sends; row i joins at call arrive_at[i];
+    a streamed row i in leave_at stops being sent at that call (its client went away: no answer)."""
     from ts.context import RequestProcessor
+    from ts.protocol.otf_message_handler import create_predict_response
 
     instance, context = handler
-    context.request_processor = [RequestProcessor(headers) for _, headers in rows]
-    context.request_ids = {i: f"request-{i}" for i in range(len(rows))}
-    context.metrics.request_ids = context.request_ids
-    bodies = instance.handle([row for row, _ in rows], context)
-    return [(context.get_response_status(i)[0], context.get_response_headers(i), body) for i, body in enumerate(bodies)]
+    arrive_at = arrive_at or [0] * len(rows)
+    leave_at = leave_at or {}
+    pending: dict[str, int] = {}
+    streaming: set[str] = set()
+    first: dict[int, tuple] = {}
+    chunks: dict[int, list[bytes]] = {i: [] for i in range(len(rows))}
+    for call in range(1000):
+        pending.update({f"request-{i}": i for i in range(len(rows)) if arrive_at[i] == call})
+        for request_id, i in list(pending.items()):
+            if leave_at.get(i) == call:
+                assert request_id in streaming, "only a stream's client can be seen to go"
+                del pending[request_id]
+                first.setdefault(i, (None, {}))
+        if not pending and call > max(arrive_at):
+            break
+        order = list(pending.items())
+        if on_call is not None:
+            on_call(call, [request_id for request_id, _ in order])
+        context.request_processor = [RequestProcessor(dict(rows[i][1])) for _, i in order]
+        context.request_ids = {k: request_id for k, (request_id, _) in enumerate(order)}
+        context.metrics.request_ids = context.request_ids
+        bodies = instance.handle([{} if r in streaming else rows[i][0] for r, i in order], context)
+        assert len(bodies) == len(order)
+        create_predict_response(bodies, context.request_ids, "Prediction success", 200, context)  # sets ts_stream_next
+        for k, (request_id, i) in enumerate(order):
+            if k not in context.request_ids:
+                continue  # no response yet
+            headers = context.get_response_headers(k)
+            first.setdefault(i, (context.get_response_status(k)[0], dict(headers)))
+            chunks[i].append(bodies[k])
+            if headers.get("ts_stream_next") == "true":
+                streaming.add(request_id)
+            else:
+                del pending[request_id]
+    assert not pending, "requests never answered"
+    return [(*first[i], b"".join(chunks[i])) for i in range(len(rows))]
 
 
 def images_of(body: bytes) -> list[np.ndarray]:
@@ -358,18 +391,6 @@ def test_effective_parameters_of_the_controls(config):
     assert edges["control_fidelity"] is None and edges["warnings"] == ["prompt: cut"]
 
 
-def test_batch_key_separates_what_cannot_share_a_batch(config):
-    base = fake_prepared(config)
-    for change in ({"sampler": "euler_a"}, {"control_mode": "prompt"}, {"guidance_start": 0.5},
-                   {"sampler": "dpmpp_2m", "karras": True}):
-        other = dataclasses.replace(base, params=dataclasses.replace(base.params, **change))
-        assert other.batch_key != base.batch_key, change
-    for change in ({"eta": 0.5}, {"strength": 0.3}, {"denoising_strength": 0.3}):  # no init image: no img2img
-        other = dataclasses.replace(base, params=dataclasses.replace(base.params, **change))
-        assert other.batch_key == base.batch_key, change
-    assert dataclasses.replace(base, context_chunks=2).batch_key != base.batch_key
-
-
 def test_handler_serves_the_controls(handler, house_png, house_image):
     edges = np.zeros((96, 128, 3), np.uint8)
     edges[40:50, :, 0] = 255
@@ -387,3 +408,129 @@ def test_handler_serves_the_controls(handler, house_png, house_image):
            "init_image": png_bytes(house_image)}
     [(status, _, body)] = run_batch(handler, [(bad, FORM)])
     assert status == 400 and json.loads(body)["field"] == "denoising_strength"
+
+
+# --- step-level scheduling (issue 12), TorchServe's continuous batching emulated by run_batch ---------------------
+
+def test_handler_steps_held_requests_one_call_at_a_time(handler, house_png):
+    fields = {"prompt": "a house", "seed": 3, "ddim_steps": 4, "output": "json"}
+    calls = []
+    [(status, headers, body)] = run_batch(handler, [(form(fields, house_png), FORM)],
+                                          on_call=lambda call, ids: calls.append(ids))
+    assert status == 200 and "ts_stream_next" not in headers
+    assert len(calls) == 4  # one step per call; answered at the fourth
+    assert json.loads(body)["parameters"]["ddim_steps_visited"] == 4
+
+
+def test_handler_request_joining_mid_flight_equals_alone(handler, house_png):
+    long = form({"prompt": "a house", "seed": 3, "ddim_steps": 8, "output": "json"}, house_png)
+    late = form({"prompt": "a barn", "seed": 9, "ddim_steps": 4, "num_samples": 2, "eta": 0.5, "output": "json",
+                 "stream": "true"}, house_png)
+    together = run_batch(handler, [(long, FORM), (late, FORM)], arrive_at=[0, 3])
+    assert [status for status, _, _ in together] == [200, 200]
+    streamed = together[1][2].splitlines()
+    assert [json.loads(line)["step"] for line in streamed[:-1]] == [1, 2, 3, 4]
+    result = json.loads(streamed[-1])
+    [(_, _, alone)] = run_batch(handler, [(late, FORM)])
+    alone_result = json.loads(alone.splitlines()[-1])
+    for a, b in zip(result["images"], alone_result["images"], strict=True):
+        assert np.abs(images_of(json.dumps({"images": [a]}).encode())[0] -
+                      images_of(json.dumps({"images": [b]}).encode())[0]).max() <= 1
+
+
+def test_handler_answers_edges_and_refusals_in_the_call_they_arrive(handler, house_png):
+    long = form({"prompt": "a house", "seed": 3, "ddim_steps": 10, "output": "json"}, house_png)
+    edges = form({"mode": "edges", "output": "png"}, house_png)
+    bad = form({"prompt": "x", "scale": 99}, house_png)
+    calls = []
+    results = run_batch(handler, [(long, FORM), (edges, FORM), (bad, FORM)], arrive_at=[0, 2, 2],
+                        on_call=lambda call, ids: calls.append(len(ids)))
+    assert [status for status, _, _ in results] == [200, 200, 400]
+    assert calls[:4] == [1, 1, 3, 1]  # both answered in the call they came in: only the long one is sent again
+
+
+def test_handler_drops_a_stream_whose_client_went(handler, house_png):
+    instance, _ = handler
+    stream = form({"prompt": "a house", "seed": 3, "ddim_steps": 10, "stream": "true"}, house_png)
+    other = form({"prompt": "a house", "seed": 4, "ddim_steps": 3, "output": "json"}, house_png)
+    results = run_batch(handler, [(stream, FORM), (other, FORM)], arrive_at=[0, 3], leave_at={0: 3})
+    assert results[1][0] == 200
+    assert instance.held == {}
+
+
+def test_handler_cancel_stops_the_request_it_names(handler, house_png):
+    target = form({"prompt": "a house", "seed": 3, "ddim_steps": 10, "output": "json", "request_id": "job-7"},
+                  house_png)
+    cancel = ({"body": {"mode": "cancel", "request_id": "job-7"}}, {"Content-Type": "application/json"})
+    calls = []
+    results = run_batch(handler, [(target, FORM), cancel], arrive_at=[0, 2], on_call=lambda c, ids: calls.append(ids))
+    assert results[1][0] == 202 and json.loads(results[1][2]) == {"request_id": "job-7", "cancel": "accepted"}
+    assert results[0][0] == 409 and json.loads(results[0][2])["field"] == "request_id"
+    assert len(calls) == 3  # stopped in the call the cancel came in, before its step
+
+
+def test_handler_runs_to_the_end_in_one_call_when_not_alone(handler, house_png, monkeypatch):
+    """TorchServe 0.12 stalls a worker's next step while another worker idles: with two, one call does it all."""
+    instance, _ = handler
+    monkeypatch.setattr(serving, "live_workers", lambda fallback: 2)
+    monkeypatch.setattr(instance, "threads_checked", 0.0)
+    stream = form({"prompt": "a house", "seed": 3, "ddim_steps": 4, "stream": "true"}, house_png)
+    calls = []
+    [(status, headers, body)] = run_batch(handler, [(stream, FORM)], on_call=lambda c, ids: calls.append(ids))
+    monkeypatch.setattr(instance, "threads_checked", 0.0)
+    assert status == 200 and len(calls) == 1 and "ts_stream_next" not in headers
+    events = [json.loads(line) for line in body.splitlines()]
+    assert [e.get("step") for e in events] == [1, 2, 3, 4, None] and events[-1]["event"] == "result"
+
+
+@pytest.mark.parametrize("value", ["", "a" * 65, "has space", "../x", 5])
+def test_request_id_is_checked(config, house_png, value):
+    with pytest.raises(ParamError) as err:
+        serving.parse_request({"body": {"prompt": "x", "image": base64.b64encode(house_png).decode(), "request_id": value}},
+                              {"Content-Type": "application/json"}, config)
+    assert err.value.field == "request_id"
+
+
+def test_cancel_takes_request_id_alone(config):
+    with pytest.raises(ParamError) as err:
+        serving.parse_request({"body": {"mode": "cancel"}}, {"Content-Type": "application/json"}, config)
+    assert err.value.field == "request_id"
+    with pytest.raises(ParamError) as err:
+        serving.parse_request({"body": {"mode": "cancel", "request_id": "a", "prompt": "x"}},
+                              {"Content-Type": "application/json"}, config)
+    assert err.value.field == "prompt"
+    assert serving.parse_request({"body": {"mode": "cancel", "request_id": "a"}}, {"Content-Type": "application/json"},
+                                 config) == serving.CancelRequest("a")
+
+
+def test_cancel_board(tmp_path, monkeypatch):
+    board = serving.CancelBoard(tmp_path / "cancels", ttl=60, capacity=3)
+    assert not board.take("a")
+    board.post("../../etc/passwd")
+    assert [p.name for p in (tmp_path / "cancels").iterdir()] != ["passwd"]  # named by digest, never by the text
+    other = serving.CancelBoard(tmp_path / "cancels")  # another worker of the same instance
+    assert other.take("../../etc/passwd") and not other.take("../../etc/passwd")
+    board.post("b")
+    board.post("c")
+    board.post("d")
+    with pytest.raises(serving.TooManyCancels):
+        board.post("e")
+    later = time.time() + 61
+    monkeypatch.setattr(serving.time, "time", lambda: later)
+    board.sweep(force=True)
+    assert not (tmp_path / "cancels").exists()  # expired, and the directory with them
+    board.post("e")
+    assert board.take("e")
+
+
+def test_live_workers_counts_the_frontends_worker_children(tmp_path, monkeypatch):
+    parent = os.getppid()
+    for pid, ppid, command in ((11, parent, b"python ts/model_service_worker.py --sock-name x"),
+                               (12, parent, b"python ts/model_service_worker.py --sock-name y"),
+                               (13, parent, b"java -cp serve"), (14, 1, b"python ts/model_service_worker.py")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python (x)) S {ppid} 0 0")
+        (tmp_path / str(pid) / "cmdline").write_bytes(command.replace(b" ", b"\0"))
+    (tmp_path / "self").mkdir()
+    assert serving.live_workers(5, tmp_path) == 2
+    assert serving.live_workers(5, tmp_path / "missing") == 5

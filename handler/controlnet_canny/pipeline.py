@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,32 +85,51 @@ class Prepared:
     def seeds(self) -> list[int]:
         return [self.params.seed + i for i in range(self.params.num_samples)]
 
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one sampler batch (strength, scale, eta, seeds may differ)."""
-        p = self.params
-        img2img = p.denoising_strength if self.init_image is not None else None
-        return (self.edge_map.shape[:2], p.ddim_steps, p.sampler, p.karras, img2img, p.effective_control_mode,
-                p.guidance_start, p.guidance_end, p.scale == 1.0, self.context_chunks)
-
 
 @dataclass
-class BatchResult:
-    images: list[list[np.ndarray]]  # per request, its samples as (H, W, 3) uint8
-    seconds: dict[str, float] = field(default_factory=dict)  # per phase: text, sampling, decoding
-    steps: int = 0  # sampler steps visited
-    control_fidelity: list[list[float]] = field(default_factory=list)  # per request, per sample
+class Finished:
+    """One request's result: its samples as (H, W, 3) uint8, each sample's control fidelity, the steps run, and
+    the seconds of each phase (text, sampling, decoding)."""
+    images: list[np.ndarray]
+    control_fidelity: list[float]
+    steps: int
+    seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a guided model evaluation needs besides x and t, one row per sample (text contexts and hint
+    features may hold one row for all of a request's samples: `rows` widens them)."""
+    cond: torch.Tensor  # (n, tokens, width) prompt + a_prompt
+    uncond: torch.Tensor  # (n, tokens, width) n_prompt
+    hint_features: torch.Tensor  # (n, channels, h, w) the hint encoder's output
+    scales: torch.Tensor  # (samples, 13) ControlNet residual scales
+    guidance: torch.Tensor  # (samples, 1, 1, 1) float32 guidance scale
+    control_mode: str  # balanced | prompt | control (effective_control_mode)
+    conditional_only: bool  # scale 1: the unconditional half adds nothing and is not computed
+
+    @staticmethod
+    def rows(parts: Sequence[Conditioning], counts: Sequence[int]) -> Conditioning:
+        """The conditioning of requests evaluated together (equal control_mode and conditional_only), one row
+        per sample, in order."""
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts)])
+
+        first = parts[0]
+        return Conditioning(cat([p.cond for p in parts]), cat([p.uncond for p in parts]),
+                            cat([p.hint_features for p in parts]), torch.cat([p.scales for p in parts]),
+                            torch.cat([p.guidance for p in parts]), first.control_mode, first.conditional_only)
 
 
 @dataclass
 class Sampling:
-    """One sampler batch in flight, advanced by `ControlNetCannyPipeline.step`: one batched model evaluation per
-    call, then each request's own sampler step on its rows (requests differ in eta, say)."""
-    batch: list[Prepared]
-    plans: list[samplers.Plan]  # per request
-    states: list[samplers.State]  # per request
-    noise: list[torch.Tensor]  # per request, on the device: (1 + plan.noise_draws, samples, C, h, w), x_T first
-    eps: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]  # (x, t, run the ControlNet) -> guided eps
+    """One request in flight: its sampler's plan and state, its noise and conditioning. `step` advances any
+    number of them by one step each, sharing model evaluations wherever `forward_key`s are equal."""
+    prepared: Prepared
+    plan: samplers.Plan
+    state: samplers.State
+    noise: torch.Tensor  # on the device: (1 + plan.noise_draws, samples, C, h, w), x_T first
+    conditioning: Conditioning
     control_steps: list[bool]  # per step: whether the ControlNet acts (guidance_start / guidance_end)
     seconds: dict[str, float]
     started: float  # perf_counter at the start of sampling
@@ -118,7 +137,23 @@ class Sampling:
 
     @property
     def total(self) -> int:
-        return self.plans[0].steps
+        return self.plan.steps
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
+
+    @property
+    def samples(self) -> int:
+        return self.prepared.params.num_samples
+
+    @property
+    def forward_key(self) -> tuple:
+        """Requests with equal keys share the next model evaluation whatever their step, sampler, seeds, scales or
+        prompts: each row has its own x, t and conditioning."""
+        c = self.conditioning
+        return (tuple(self.noise.shape[-2:]), c.cond.shape[1], c.conditional_only,
+                c.control_mode == "control" and not c.conditional_only, self.control_steps[self.done])
 
 
 def _hint_planes(control_map: np.ndarray) -> np.ndarray:
@@ -185,11 +220,10 @@ class ControlNetCannyPipeline:
         context = self.model.cond_stage_model([""])
         hint_features = torch.zeros(1, self.config.unet.model_channels, height, width, device=self.device,
                                     dtype=self.dtype)
-        scales = torch.ones(1, 13, device=self.device, dtype=self.dtype)
-        guidance = torch.ones(1, 1, 1, 1, device=self.device)
-        eps = self._guided_eps(context, context, hint_features, scales, guidance, "balanced", False)
+        conditioning = Conditioning(context, context, hint_features, torch.ones(1, 13, device=self.device, dtype=self.dtype),
+                                    torch.ones(1, 1, 1, 1, device=self.device), "balanced", False)
         latents = torch.zeros(1, self.config.unet.in_channels, height, width, device=self.device)
-        eps(latents, torch.ones(1, dtype=torch.long, device=self.device), True)
+        self._guided_eps(latents, torch.ones(1, dtype=torch.long, device=self.device), conditioning, True)
 
     def prepare(self, image: np.ndarray | None, params: GenerationParams, control_image: np.ndarray | None = None,
                 init_image: np.ndarray | None = None) -> Prepared:
@@ -260,104 +294,120 @@ class ControlNetCannyPipeline:
             self._text_cache.popitem(last=False)
         return context
 
-    def generate(self, batch: Sequence[Prepared], callback: StepCallback | None = None) -> BatchResult:
-        """Samples every request of `batch` (equal `batch_key`s) in one sampler batch: start, step, finish."""
-        sampling = self.start(batch)
-        while sampling.done < sampling.total:
-            self.step(sampling)
+    def generate(self, batch: Sequence[Prepared], callback: StepCallback | None = None) -> list[Finished]:
+        """Samples the requests of `batch` together: starts each, steps them all (sharing model evaluations where
+        their forward keys allow) until each is done, finishes them. `callback(done, total)` after every step
+        of the longest."""
+        samplings = [self.start(p) for p in batch]
+        total = max(s.total for s in samplings)
+        for done in range(1, total + 1):
+            for group in self.groups([s for s in samplings if not s.finished]):
+                self.step(group)
             if callback is not None:
                 self.backend.synchronize()  # a progress event means that step has run, not that it was queued
-                callback(sampling.done, sampling.total)
-        return self.finish(sampling)
+                callback(done, total)
+        return self.finish(samplings)
 
     @torch.inference_mode()
-    def start(self, batch: Sequence[Prepared]) -> Sampling:
-        """Text contexts, control features, and every noise draw of the batch, before the first step.
+    def start(self, prepared: Prepared) -> Sampling:
+        """Text contexts, control features and every noise draw of one request, before its first step.
 
         Sample i of a request with seed s has its own CPU generator seeded s + i, which draws, in this order,
-        img2img's latent sample, x_T, then each step's noise: a sample is the same alone or batched, on CPU or
-        CUDA. All of it is copied to the device at once (no copy, and no sync, per step).
+        img2img's latent sample, x_T, then each step's noise: a sample is the same alone or with others, on CPU
+        or CUDA. All of it is copied to the device at once (no copy, and no sync, per step).
         """
-        if len({p.batch_key for p in batch}) != 1:
-            raise ValueError("requests in one batch must share image size, sampler, steps, control mode and "
-                             "window, scale == 1, img2img strength and prompt length")
-        first = batch[0].params
-        height, width = batch[0].edge_map.shape[:2]
+        p = prepared.params
+        height, width = prepared.edge_map.shape[:2]
         factor = self.config.latent_factor
         seconds: dict[str, float] = {}
         started = time.perf_counter()
-        counts = [p.params.num_samples for p in batch]
-
-        def per_sample(values: list) -> list:
-            return [v for v, n in zip(values, counts) for _ in range(n)]
-
-        def rows(tensors: list[torch.Tensor]) -> torch.Tensor:  # one row per request to one per sample
-            return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts)])
-
-        cond, uncond = (rows(list(half)) for half in zip(*(self._contexts(p.params) for p in batch)))
+        cond, uncond = self._contexts(p)
         self.backend.synchronize()
         seconds["text"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        hints = torch.cat([torch.from_numpy(_hint_planes(p.edge_map)) for p in batch])
-        hint_features = rows(list(self.model.control_model.encode_hint(
-            hints.to(self.device, torch.float32).div(255.0).to(self.dtype)).split(1)))
-        mode = first.effective_control_mode
-        scales = torch.tensor(per_sample([control_scales(p.params.strength, mode != "balanced") for p in batch]),
+        hints = torch.from_numpy(_hint_planes(prepared.edge_map))
+        hint_features = self.model.control_model.encode_hint(
+            hints.to(self.device, torch.float32).div(255.0).to(self.dtype))
+        mode = p.effective_control_mode
+        scales = torch.tensor([control_scales(p.strength, mode != "balanced")] * p.num_samples,
                               dtype=self.dtype).to(self.device)
-        guidance = torch.tensor(per_sample([p.params.scale for p in batch]))[:, None, None, None].to(self.device)
-        img2img = batch[0].init_image is not None
-        plans = [samplers.plan(
-            first.sampler, first.ddim_steps, self.alphas_cumprod, karras=first.karras,
-            eta=p.params.eta if first.sampler == "ddim" else 0.0,  # eta is DDIM's; the others ignore it
-            denoising_strength=first.denoising_strength if img2img else 1.0,
-        ) for p in batch]
-        generators = [[torch.Generator("cpu").manual_seed(s) for s in p.seeds] for p in batch]
-        init_latents = self._init_latents(batch, generators) if img2img else [None] * len(batch)
+        guidance = torch.full((p.num_samples, 1, 1, 1), p.scale).to(self.device)
+        img2img = prepared.init_image is not None
+        plan = samplers.plan(
+            p.sampler, p.ddim_steps, self.alphas_cumprod, karras=p.karras,
+            eta=p.eta if p.sampler == "ddim" else 0.0,  # eta is DDIM's; the others ignore it
+            denoising_strength=p.denoising_strength if img2img else 1.0,
+        )
+        generators = [torch.Generator("cpu").manual_seed(s) for s in prepared.seeds]
+        # img2img's start: each sample's own draw from the VAE posterior of the init image (as diffusers'
+        # StableDiffusionControlNetImg2ImgPipeline does with one generator per image)
+        init_latents = (self._vae_encoder().encode(to_unit_range(prepared.init_image), generators).to(self.device)
+                        if img2img else None)
         shape = (1, self.config.unet.in_channels, height // factor, width // factor)
-        draws = [torch.stack([torch.cat([torch.randn(shape, generator=g) for g in request_generators])
-                              for _ in range(1 + plan.noise_draws)])
-                 for plan, request_generators in zip(plans, generators)]
-        on_device = self.backend.to_device(torch.cat([d.flatten() for d in draws])).split([d.numel() for d in draws])
-        noise = [flat.view(d.shape) for flat, d in zip(on_device, draws)]
-        states = [samplers.start(plan, n[0], init) for plan, n, init in zip(plans, noise, init_latents)]
-        eps = self._guided_eps(cond, uncond, hint_features, scales, guidance, mode, first.scale == 1.0)
-        return Sampling(list(batch), plans, states, noise, eps,
-                        control_steps(plans[0].steps, first.guidance_start, first.guidance_end), seconds, started)
+        noise = self.backend.to_device(torch.stack([torch.cat([torch.randn(shape, generator=g) for g in generators])
+                                                    for _ in range(1 + plan.noise_draws)]))
+        conditioning = Conditioning(cond, uncond, hint_features, scales, guidance, mode, p.scale == 1.0)
+        return Sampling(prepared, plan, samplers.start(plan, noise[0], init_latents), noise, conditioning,
+                        control_steps(plan.steps, p.guidance_start, p.guidance_end), seconds, started)
+
+    @staticmethod
+    def groups(samplings: Sequence[Sampling], max_samples: int | None = None) -> list[list[Sampling]]:
+        """`samplings` in groups that can share a model evaluation (equal forward_key), each of at most
+        `max_samples` samples (a single larger request still makes a group, alone), in arrival order."""
+        by_key: dict[tuple, list[list[Sampling]]] = {}
+        for sampling in samplings:
+            chunks = by_key.setdefault(sampling.forward_key, [[]])
+            if chunks[-1] and max_samples is not None and \
+                    sum(s.samples for s in chunks[-1]) + sampling.samples > max_samples:
+                chunks.append([])
+            chunks[-1].append(sampling)
+        return [chunk for chunks in by_key.values() for chunk in chunks]
 
     @torch.inference_mode()
-    def step(self, sampling: Sampling) -> None:
-        """One step: one batched, guided model evaluation (the ControlNet only inside its window), then each
-        request's sampler step on its rows."""
-        inputs = [samplers.model_input(plan, state) for plan, state in zip(sampling.plans, sampling.states)]
-        e = sampling.eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
-                         sampling.control_steps[sampling.done])
-        rows = e.split([p.params.num_samples for p in sampling.batch])
-        sampling.states = [
-            samplers.step(plan, state, request_eps, noise[1 + sampling.done] if plan.noise_draws else None)
-            for plan, state, request_eps, noise in zip(sampling.plans, sampling.states, rows, sampling.noise)
-        ]
-        sampling.done += 1
+    def step(self, group: Sequence[Sampling]) -> None:
+        """One step of every request of `group` (equal forward_key, any step of any sampler): one batched, guided
+        model evaluation with each row's own timestep, then each request's sampler step on its rows."""
+        if len({s.forward_key for s in group}) != 1:
+            raise ValueError("requests evaluated together must share latent size, prompt length, scale == 1, "
+                             "control mode and whether the ControlNet acts at their step")
+        inputs = [samplers.model_input(s.plan, s.state) for s in group]
+        counts = [s.samples for s in group]
+        e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
+                             Conditioning.rows([s.conditioning for s in group], counts),
+                             group[0].control_steps[group[0].done])
+        for sampling, request_eps in zip(group, e.split(counts)):
+            noise = sampling.noise[1 + sampling.done] if sampling.plan.noise_draws else None
+            sampling.state = samplers.step(sampling.plan, sampling.state, request_eps, noise)
+            sampling.done += 1
 
     @torch.inference_mode()
-    def finish(self, sampling: Sampling) -> BatchResult:
-        """Decodes the latents and scores each sample's edges against its control map."""
+    def finish(self, samplings: Sequence[Sampling]) -> list[Finished]:
+        """Decodes the latents (requests of equal size together, `backend.decode_batch` samples at a time) and
+        scores each sample's edges against its control map."""
         self.backend.synchronize()
-        seconds = dict(sampling.seconds, sampling=time.perf_counter() - sampling.started)
-        started = time.perf_counter()
-        latents = torch.cat([samplers.result(plan, state) for plan, state in zip(sampling.plans, sampling.states)])
+        ended = time.perf_counter()
+        latents = [samplers.result(s.plan, s.state) for s in samplings]
+        by_size: dict[tuple, list[int]] = {}
+        for index, latent in enumerate(latents):
+            by_size.setdefault(tuple(latent.shape[-2:]), []).append(index)
+        decoded: list[list[np.ndarray]] = [[] for _ in samplings]
         step = self.backend.decode_batch
-        decoded = [image for i in range(0, len(latents), step) for image in self._decode(latents[i:i + step])]
-        seconds["decoding"] = time.perf_counter() - started  # no sync needed: decoding ends in a copy to the host
-        images, fidelity, offset = [], [], 0
-        for p in sampling.batch:
-            samples = decoded[offset:offset + p.params.num_samples]
-            images.append(samples)
+        for indices in by_size.values():
+            stacked = torch.cat([latents[i] for i in indices])
+            images = [image for j in range(0, len(stacked), step) for image in self._decode(stacked[j:j + step])]
+            for i in indices:
+                decoded[i], images = images[:samplings[i].samples], images[samplings[i].samples:]
+        decoding = time.perf_counter() - ended  # no sync needed: decoding ends in a copy to the host
+        results = []
+        for sampling, images in zip(samplings, decoded):
+            p = sampling.prepared
             edges = p.edge_map if p.edge_map.ndim == 2 else p.edge_map.max(axis=2)  # an RGB map: edges in any channel
-            fidelity.append([control_fidelity(image, edges, p.params.low_threshold, p.params.high_threshold)
-                             for image in samples])
-            offset += p.params.num_samples
-        return BatchResult(images, seconds, sampling.total, fidelity)
+            fidelity = [control_fidelity(image, edges, p.params.low_threshold, p.params.high_threshold)
+                        for image in images]
+            seconds = dict(sampling.seconds, sampling=ended - sampling.started, decoding=decoding)
+            results.append(Finished(images, fidelity, sampling.total, seconds))
+        return results
 
     def _contexts(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditional (prompt, a_prompt) and unconditional (n_prompt) contexts of one request, of equal length."""
@@ -366,20 +416,13 @@ class ControlNetCannyPipeline:
         uncond = self.encode_text(params.n_prompt, long)
         return match_lengths(cond, uncond, self.encode_text("")) if long else (cond, uncond)
 
-    def _init_latents(self, batch: Sequence[Prepared], generators: list[list[torch.Generator]]) -> list[torch.Tensor]:
-        """img2img's start, per request: each sample's own draw from the VAE posterior of the request's init image
-        (as diffusers' StableDiffusionControlNetImg2ImgPipeline does with one generator per image)."""
-        encoder = self._vae_encoder()
-        return [encoder.encode(to_unit_range(p.init_image), request_generators).to(self.device)
-                for p, request_generators in zip(batch, generators)]
-
     def _vae_encoder(self) -> VAEEncoder:
         """Loaded when the first img2img request needs it (text-to-image never does)."""
         if self._encoder is None:
             self._encoder = load_encoder(self.config, self.checkpoints, self.device, self.dtype)
         return self._encoder
 
-    def _guided_eps(self, cond, uncond, hint_features, scales, guidance, control_mode: str, conditional_only: bool):
+    def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool) -> torch.Tensor:
         """eps = e_uncond + scale (e_cond - e_uncond), both halves in one batched forward.
 
         control_mode (sd-webui-controlnet's, README): balanced and prompt run the ControlNet on both halves;
@@ -387,28 +430,25 @@ class ControlNetCannyPipeline:
         are zeros, which add nothing. Outside guidance_start/end the ControlNet does not run at all.
         """
         unet, control_model = self.model.model.diffusion_model, self.model.control_model
+        x = x.to(self.dtype)
 
-        def scaled_control(x, t, context):
-            residuals = control_model(x, hint_features, t, context)
+        def scaled_control(context):
+            residuals = control_model(x, c.hint_features, t, context)
             # a residual has one row per sample, or one per sample and guidance half (unet.widen): same scales
-            return [r * widen(scales, r.shape[0])[:, i, None, None, None] for i, r in enumerate(residuals)]
+            return [r * widen(c.scales, r.shape[0])[:, i, None, None, None] for i, r in enumerate(residuals)]
 
-        def eps(x: torch.Tensor, t: torch.Tensor, with_control: bool) -> torch.Tensor:
-            x = x.to(self.dtype)
-            if conditional_only:
-                return unet(x, t, cond, scaled_control(x, t, cond) if with_control else None).float()
-            context = torch.cat([cond, uncond])
-            if not with_control:
-                control = None
-            elif control_mode == "control":
-                control = [torch.cat([r, torch.zeros_like(r)]) for r in scaled_control(x, t, cond)]
-            else:
-                control = scaled_control(x, t, context)
-            # Both halves share x and t: the networks compute the rows before the first cross-attention once.
-            e_cond, e_uncond = unet(x, t, context, control).float().chunk(2)
-            return e_uncond + guidance * (e_cond - e_uncond)
-
-        return eps
+        if c.conditional_only:
+            return unet(x, t, c.cond, scaled_control(c.cond) if with_control else None).float()
+        context = torch.cat([c.cond, c.uncond])
+        if not with_control:
+            control = None
+        elif c.control_mode == "control":
+            control = [torch.cat([r, torch.zeros_like(r)]) for r in scaled_control(c.cond)]
+        else:
+            control = scaled_control(context)
+        # Both halves share x and t: the networks compute the rows before the first cross-attention once.
+        e_cond, e_uncond = unet(x, t, context, control).float().chunk(2)
+        return e_uncond + c.guidance * (e_cond - e_uncond)
 
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Latents to (H, W, 3) uint8 images: x * 127.5 + 127.5, clipped and truncated (no rounding) as the
