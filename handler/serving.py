@@ -68,7 +68,7 @@ class ServingConfig:
     threads: int = 0  # torch threads per worker; 0: the usable cores divided by maxWorkers
     max_image_bytes: int = 16 * 2**20
     max_image_pixels: int = 4096 * 4096
-    max_batch_samples: int = 12  # samples per sampler batch; bounds memory when batched requests ask many
+    max_batch_samples: int = 12  # samples per model evaluation; bounds memory when held requests ask many
     limits: Limits = Limits()
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request field defaults, e.g. image_resolution
     backend: BackendOptions = BackendOptions()

@@ -215,14 +215,14 @@ def test_truncated_prompt_warns(tiny_pipeline, house_image):
     prepared = tiny_pipeline.prepare(house_image, _params(prompt=LONG, n_prompt=LONG))
     assert [w.split(":")[0] for w in prepared.warnings] == ["prompt", "n_prompt"]
     assert "75" in prepared.warnings[0] and "long_prompt" in prepared.warnings[0]
-    assert prepared.context_chunks == 1
+    assert tiny_pipeline.start(prepared).conditioning.cond.shape[1] == 77
 
 
 def test_long_prompt(tiny_pipeline, house_image):
     short = tiny_pipeline.prepare(house_image, _params(long_prompt=True))
-    assert short.context_chunks == 1 and short.warnings == ()
+    assert tiny_pipeline.start(short).conditioning.cond.shape[1] == 77 and short.warnings == ()
     long = tiny_pipeline.prepare(house_image, _params(prompt=LONG, long_prompt=True))
-    assert long.context_chunks == 2 and long.warnings == ()
+    assert tiny_pipeline.start(long).conditioning.cond.shape[1] == 2 * 77 and long.warnings == ()
     truncated = _run(tiny_pipeline, house_image, prompt=LONG)[0]
     chunked = tiny_pipeline.generate([long])[0].images[0]
     assert clearly_differ(chunked, truncated)

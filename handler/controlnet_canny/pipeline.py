@@ -26,7 +26,7 @@ from .ddim import StepCallback
 from .fidelity import control_fidelity
 from .params import GenerationParams, ParamError
 from .preprocess import MAX_ASPECT, canny, fit, fitted_edges, output_size, resize_image
-from .text_encoder import chunk_ids, is_truncated, match_lengths, token_count
+from .text_encoder import is_truncated, match_lengths, token_count
 from .unet import widen
 from .vae import VAEEncoder, load_encoder, to_unit_range
 
@@ -78,7 +78,6 @@ class Prepared:
     image: np.ndarray | None  # (H, W, 3) uint8, resized; None when only a control map was sent
     edge_map: np.ndarray  # (H, W) or (H, W, 3) uint8: exactly what conditions the model (white edges for canny)
     init_image: np.ndarray | None = None  # (H, W, 3) uint8, img2img's start, resized to the output
-    context_chunks: int = 1  # 77-token chunks of the text context (long_prompt), equal for prompt and negative
     warnings: tuple[str, ...] = ()
 
     @property
@@ -252,11 +251,11 @@ class ControlNetCannyPipeline:
             edges = fit(control_image, height, width, mode if params.width else "just_resize", is_map=True)
         init = fit(init_image, height, width, mode) if init_image is not None else None
         self._check_plan(params, init is not None)
-        return Prepared(params, resized, edges, init, *self._prompt_length(params))
+        return Prepared(params, resized, edges, init, self._prompt_warnings(params))
 
     def _check_plan(self, params: GenerationParams, img2img: bool) -> None:
         """Steps a sampler cannot take (dpmpp_2m beyond 999), or an img2img strength that keeps no step, are the
-        client's mistakes: refused here, naming the field, rather than failing the sampler batch."""
+        client's mistakes: refused here, naming the field, rather than failing a model evaluation."""
         checks = [("ddim_steps", 1.0)] + ([("denoising_strength", params.denoising_strength)] if img2img else [])
         for field, strength in checks:
             try:
@@ -265,14 +264,13 @@ class ControlNetCannyPipeline:
             except ValueError as err:
                 raise ParamError(field, str(err)) from None
 
-    def _prompt_length(self, params: GenerationParams) -> tuple[int, tuple[str, ...]]:
-        """The context's 77-token chunks (long_prompt: as many as the longer of prompt and negative need), and a
-        warning for each prompt cut at 75 tokens (without long_prompt, the reference's truncation)."""
+    def _prompt_warnings(self, params: GenerationParams) -> tuple[str, ...]:
+        """A warning for each prompt cut at 75 tokens (without long_prompt, the reference's truncation)."""
+        if params.long_prompt:
+            return ()
         length = self.model.cond_stage_model.context_length
         texts = {"prompt": params.prompt + ", " + params.a_prompt, "n_prompt": params.n_prompt}
-        if params.long_prompt:
-            return max(len(chunk_ids(text, length)) for text in texts.values()), ()
-        return 1, tuple(
+        return tuple(
             f"{name}: {token_count(text)} tokens{' with a_prompt' if name == 'prompt' else ''}; the text model read "
             f"the first {length - 2} and the rest was cut (long_prompt=true reads them all)"
             for name, text in texts.items() if is_truncated(text, length)
