@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from controlnet_canny.params import ParamError
 from controlnet_canny.preprocess import MAX_ASPECT, canny, decode_image, output_size, resize_image, to_rgb
 
 BIG = 10**8
+HANDLER = Path(__file__).resolve().parents[1] / "handler"
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -170,6 +174,49 @@ def test_jpeg_and_webp_accepted():
         out = decode_image(_encode(Image.fromarray(image), fmt, **kwargs), BIG, BIG)
         assert out.shape == (16, 24, 3)
     np.testing.assert_array_equal(decode_image(_encode(Image.fromarray(image), "WEBP", lossless=True), BIG, BIG), image)
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    """Pillow's own decode of the same file, upright: what the WebP path must equal."""
+    return to_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+@pytest.mark.parametrize("kwargs", [{"lossless": True}, {"quality": 30}, {"quality": 90}])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_webp_decodes_as_pillow_does(alpha, kwargs, orientation):
+    image = cv2.GaussianBlur(_noise(60, 90), (0, 0), 2)
+    if alpha:
+        image = np.dstack([image, np.tile(np.arange(90, dtype=np.uint8) * 2, (60, 1))])
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    data = _encode(Image.fromarray(image), "WEBP", exif=exif.tobytes(), **kwargs)
+    decoded = decode_image(data, BIG, BIG)
+    assert decoded.shape == ((60, 90, 3) if orientation in (1, 3) else (90, 60, 3))
+    np.testing.assert_array_equal(decoded, _pillow_rgb(data))
+
+
+def test_webp_peak_memory_is_one_decoded_image_and_a_copy():
+    """A 4096x4096 RGBA WebP of a few hundred bytes: the worker's peak grows by about two RGBA images (OpenCV's
+    decode and its result), not Pillow's three (252 MiB) plus the RGB (48 MiB)."""
+    script = """
+import io, sys
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from controlnet_canny.preprocess import decode_image
+buffer = io.BytesIO()
+Image.new("RGBA", (4096, 4096), (10, 200, 30, 128)).save(buffer, "WEBP", lossless=True)
+data = buffer.getvalue()
+status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")
+start = status("VmRSS")
+image = decode_image(data, 2**24, 2**24)
+print((status("VmHWM") - start) / 1024, image.shape)
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(HANDLER)], capture_output=True, text=True, check=True)
+    peak_mib = float(out.stdout.split()[0])
+    assert "(4096, 4096, 3)" in out.stdout
+    assert peak_mib < 2.5 * 64, out.stdout  # 64 MiB: the decoded RGBA image
 
 
 # --- canny on the 3-channel image ---------------------------------------------------------------------------

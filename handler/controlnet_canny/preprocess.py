@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from .params import ParamError
 
@@ -17,6 +17,9 @@ MAX_ASPECT = 4  # bounds the generated size whatever the input shape
 # the worker for minutes. Encoders write at most about 10 per image (libjpeg's progression), plus a thumbnail's.
 MAX_JPEG_SCANS = 32
 COMPOSITE_PIXELS = 2**16  # alpha is composited in bands of about this many pixels: float32 temporaries stay small
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                  5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                  8: Image.Transpose.ROTATE_90}  # EXIF orientation to the turn that makes it upright (ImageOps')
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
@@ -48,6 +51,8 @@ def _open_image(data: bytes, max_bytes: int, max_pixels: int, field: str, conver
             if modes is not None and (image.mode not in modes or "transparency" in image.info):
                 transparency = " with transparency" if "transparency" in image.info else ""
                 raise ParamError(field, f"must be an 8-bit grey or RGB image, got mode {image.mode}{transparency}")
+            if image.format == "WEBP" and not getattr(image, "is_animated", False):
+                return _webp_pixels(data, image)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # phone photos: stored sideways, EXIF says how to turn
             return convert(image)  # inside: a malformed palette or transparency fails only at conversion
@@ -59,10 +64,40 @@ def _open_image(data: bytes, max_bytes: int, max_pixels: int, field: str, conver
         raise ParamError(field, f"is not a valid {'/'.join(FORMATS)} image ({type(err).__name__})") from None
 
 
+def _webp_pixels(data: bytes, header: Image.Image) -> np.ndarray:
+    """A still WebP, decoded by OpenCV's libwebp into one buffer (Pillow's animation decoder holds three copies of
+    the canvas: a 4096 x 4096 RGBA peaks at about 250 MiB there, 134 MiB here), the same pixels as Pillow's (tested):
+    RGB, alpha composited over white in place, turned upright by its EXIF orientation as `ImageOps.exif_transpose`."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None or pixels.ndim != 3 or pixels.shape[:2] != header.size[::-1]:
+        raise ValueError("undecodable WebP")
+    if pixels.shape[2] == 4:
+        rgba = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGBA, dst=pixels)
+        height, width = rgba.shape[:2]
+        # in place: row r's RGB ends before row r + 1's RGBA starts, and a band is read before it is written
+        rgb = rgba.reshape(-1)[:height * width * 3].reshape(height, width, 3)
+        rgb = over_white(lambda top, bottom: rgba[top:bottom], rgb)
+    else:
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB, dst=pixels)
+    method = EXIF_TRANSPOSE.get(header.getexif().get(ExifTags.Base.Orientation, 1))
+    return rgb if method is None else np.asarray(Image.fromarray(rgb).transpose(method))
+
+
+def over_white(rgba_rows: Callable[[int, int], np.ndarray], rgb: np.ndarray) -> np.ndarray:
+    """An RGBA image, read as `rgba_rows(top, bottom)` (uint8), composited over white into `rgb` (H, W, 3) as the
+    reference does: rgb * a + 255 * (1 - a) in float32, truncated. A band of rows at a time, so that beyond the image
+    and the result only a band's float32 temporaries are held (the whole image in float32 is 16 bytes a pixel)."""
+    height, width = rgb.shape[:2]
+    rows = max(1, COMPOSITE_PIXELS // width)
+    for top in range(0, height, rows):
+        band = rgba_rows(top, min(height, top + rows)).astype(np.float32)
+        alpha = band[:, :, 3:4] / 255.0
+        rgb[top:top + len(band)] = (band[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return rgb
+
+
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """Gray repeated to 3 channels; alpha composited over white as the reference: rgb * a + 255 * (1 - a) in float32,
-    truncated. Compositing runs a band of rows at a time, so that beyond the decoded image and the uint8 result
-    only a band's float32 temporaries are held (the whole image in float32 is 16 bytes a pixel, per temporary)."""
+    """Gray repeated to 3 channels; alpha composited over white as the reference (`over_white`)."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit gray PNG: Pillow's convert would clip at 255
         wide = np.asarray(image).astype(np.int64)
         gray = Image.fromarray((wide.clip(0, 65535) >> 8).astype(np.uint8), "L")
@@ -76,13 +111,8 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode != "RGBA":
         image = image.convert("RGBA")
     width, height = image.size
-    rgb = np.empty((height, width, 3), np.uint8)
-    rows = max(1, COMPOSITE_PIXELS // width)
-    for top in range(0, height, rows):
-        band = np.asarray(image.crop((0, top, width, min(height, top + rows)))).astype(np.float32)
-        alpha = band[:, :, 3:4] / 255.0
-        rgb[top:top + len(band)] = (band[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
-    return rgb
+    return over_white(lambda top, bottom: np.asarray(image.crop((0, top, width, bottom))),
+                      np.empty((height, width, 3), np.uint8))
 
 
 def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
