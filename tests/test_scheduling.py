@@ -225,3 +225,27 @@ def test_scaling_one_two_one_never_oversubscribes_the_cores(scalable_server):
         assert all(threads * live <= cores for threads, live in served), served
         assert all(live == workers for _, live in served), served
         assert all(threads == max(1, cores // workers) for threads, _ in served), served
+
+
+def test_cancel_reaches_the_request_on_another_worker(scalable_server):
+    """Two workers: the cancel call goes to whichever is idle, the request runs on the other (to its end within
+    one call, TorchServe 0.12's limit): the shared cancel board stops it between two of its steps."""
+    server = scalable_server
+    response = requests.put(f"{server.management}/models/{server.model}",
+                            params={"min_worker": 2, "max_worker": 2, "synchronous": "true"},
+                            headers=server.auth("management"), timeout=180)
+    assert response.status_code in (200, 202), response.text
+    wait_until(lambda: [w["status"] for w in server.workers()] == ["READY"] * 2, 120, "2 READY workers")
+    long = Background(lambda: server.predict({**LONG, "request_id": "far-away-1"}, timeout=300))
+    wait_until(lambda: "request_id far-away-1" in server.model_log(), 30, "the request admitted")
+    time.sleep(0.5)
+    cancel = requests.post(server.url, json={"mode": "cancel", "request_id": "far-away-1"}, headers=server.auth(),
+                           timeout=60)
+    assert cancel.status_code == 202
+    started = time.monotonic()
+    stopped = long.wait(60)
+    assert stopped.status_code == 409 and time.monotonic() - started < 5
+    log = server.model_log()
+    admitted_by = re.search(r"\[INFO \] (W-\d+)-\S+ MODEL_LOG - request \S+ admitted: .*request_id far-away-1", log)
+    cancelled_by = re.search(r"\[INFO \] (W-\d+)-\S+ MODEL_LOG - cancel requested for request_id far-away-1", log)
+    assert admitted_by and cancelled_by and admitted_by.group(1) != cancelled_by.group(1), "one worker took both"
