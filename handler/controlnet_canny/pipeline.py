@@ -219,8 +219,9 @@ class ControlNetCannyPipeline:
         context = self.model.cond_stage_model([""])
         hint_features = torch.zeros(1, self.config.unet.model_channels, height, width, device=self.device,
                                     dtype=self.dtype)
-        conditioning = Conditioning(context, context, hint_features, torch.ones(1, 13, device=self.device, dtype=self.dtype),
-                                    torch.ones(1, 1, 1, 1, device=self.device), "balanced", False)
+        scales = torch.ones(1, 13, device=self.device, dtype=self.dtype)
+        conditioning = Conditioning(context, context, hint_features, scales, torch.ones(1, 1, 1, 1, device=self.device),
+                                    "balanced", False)
         latents = torch.zeros(1, self.config.unet.in_channels, height, width, device=self.device)
         self._guided_eps(latents, torch.ones(1, dtype=torch.long, device=self.device), conditioning, True)
 
