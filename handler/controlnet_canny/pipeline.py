@@ -97,27 +97,25 @@ class Finished:
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What a guided model evaluation needs besides x and t, one row per sample (text contexts and hint
-    features may hold one row for all of a request's samples: `rows` widens them)."""
-    cond: torch.Tensor  # (n, tokens, width) prompt + a_prompt
-    uncond: torch.Tensor  # (n, tokens, width) n_prompt
-    hint_features: torch.Tensor  # (n, channels, h, w) the hint encoder's output
+    """What a guided model evaluation needs besides x and t, one row per sample."""
+    cond: torch.Tensor  # (samples, tokens, width) prompt + a_prompt
+    uncond: torch.Tensor  # (samples, tokens, width) n_prompt
+    hint_features: torch.Tensor  # (samples, channels, h, w) the hint encoder's output
     scales: torch.Tensor  # (samples, 13) ControlNet residual scales
     guidance: torch.Tensor  # (samples, 1, 1, 1) float32 guidance scale
     control_mode: str  # balanced | prompt | control (effective_control_mode)
     conditional_only: bool  # scale 1: the unconditional half adds nothing and is not computed
 
     @staticmethod
-    def rows(parts: Sequence[Conditioning], counts: Sequence[int]) -> Conditioning:
-        """The conditioning of requests evaluated together (equal control_mode and conditional_only), one row
-        per sample, in order."""
-        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts)])
-
+    def rows(parts: Sequence[Conditioning]) -> Conditioning:
+        """The conditioning of requests evaluated together (equal control_mode and conditional_only), in order; a
+        request evaluated alone keeps its own tensors (no copy per step)."""
+        if len(parts) == 1:
+            return parts[0]
         first = parts[0]
-        return Conditioning(cat([p.cond for p in parts]), cat([p.uncond for p in parts]),
-                            cat([p.hint_features for p in parts]), torch.cat([p.scales for p in parts]),
-                            torch.cat([p.guidance for p in parts]), first.control_mode, first.conditional_only)
+        return Conditioning(*(torch.cat([getattr(p, name) for p in parts])
+                              for name in ("cond", "uncond", "hint_features", "scales", "guidance")),
+                            first.control_mode, first.conditional_only)
 
 
 @dataclass
@@ -346,7 +344,11 @@ class ControlNetCannyPipeline:
         shape = (1, self.config.unet.in_channels, height // factor, width // factor)
         noise = self.backend.to_device(torch.stack([torch.cat([torch.randn(shape, generator=g) for g in generators])
                                                     for _ in range(1 + plan.noise_draws)]))
-        conditioning = Conditioning(cond, uncond, hint_features, scales, guidance, mode, p.scale == 1.0)
+        def rows(tensor: torch.Tensor) -> torch.Tensor:  # one row per sample, once, rather than per step
+            return tensor.expand(p.num_samples, *tensor.shape[1:]).contiguous()
+
+        conditioning = Conditioning(rows(cond), rows(uncond), rows(hint_features), scales, guidance, mode,
+                                    p.scale == 1.0)
         return Sampling(prepared, plan, samplers.start(plan, noise[0], init_latents), noise, conditioning,
                         control_steps(plan.steps, p.guidance_start, p.guidance_end), seconds, started)
 
@@ -373,7 +375,7 @@ class ControlNetCannyPipeline:
         inputs = [samplers.model_input(s.plan, s.state) for s in group]
         counts = [s.samples for s in group]
         e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
-                             Conditioning.rows([s.conditioning for s in group], counts),
+                             Conditioning.rows([s.conditioning for s in group]),
                              group[0].control_steps[group[0].done])
         for sampling, request_eps in zip(group, e.split(counts)):
             noise = sampling.noise[1 + sampling.done] if sampling.plan.noise_draws else None
