@@ -538,7 +538,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step requests of ours")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--no-plain", action="store_true", help="skip ours with every backend lever off "
-                        "(prepack none, torch attention)")
+                        "(prepack none, winograd none, torch attention)")
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="with --device cuda: also time ours under torch.compile (compile time apart)")
@@ -599,7 +599,7 @@ def main() -> None:
         log(f"{precision}: backend {backend_summary(pipe)}")
         # The same pipeline with every backend lever off: what no request shape may be slower than.
         plain = None if args.no_plain else ControlNetCannyPipeline.load(
-            [args.checkpoint], args.config, device, precision, BackendOptions(prepack="none", attention="torch"))
+            [args.checkpoint], args.config, device, precision, BackendOptions(prepack="none", winograd="none", attention="torch"))
         reference = None if args.no_diffusers else diffusers_models(cfg, dtype, device)
         for shape in shapes:
             # Alternated, twice, best median of each: a slow spell of a shared machine hits every side.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from controlnet_canny import pipeline as pipeline_module
-from controlnet_canny.backends import Backend, BackendOptions, cpu, cpu_prepack
+from controlnet_canny.backends import Backend, BackendOptions, cpu, cpu_prepack, cpu_winograd
 from controlnet_canny.backends.cpu_prepack import PackedConv2d, PackedLinear
 from controlnet_canny.params import GenerationParams
 from controlnet_canny.pipeline import ControlNetCannyPipeline, resolve_precision
@@ -62,6 +62,10 @@ def _packed(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (PackedConv2d, PackedLinear))]
 
 
+def _winograd(model: nn.Module) -> dict[str, int]:
+    return {name: m.max_positions for name, m in model.named_modules() if isinstance(m, cpu_winograd.WinogradConv2d)}
+
+
 def _plain_packable(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if cpu_prepack.packable(m)]
 
@@ -108,6 +112,7 @@ def test_measured_choices_are_cached_and_reused(tiny_checkpoint, tmp_path, monke
     monkeypatch.setattr(cpu.CpuBackend, "_measure", measure_again)
     second = _load(tiny_checkpoint, tmp_path)
     assert _packed(second.model) == _packed(first.model)
+    assert _winograd(second.model) == _winograd(first.model)
     assert {type(m.attend) for m in second.model.modules() if isinstance(m, CrossAttention)} == \
         {type(m.attend) for m in first.model.modules() if isinstance(m, CrossAttention)}
     assert "cached" in second.backend.summary()
@@ -133,6 +138,9 @@ def test_forced_choices(tiny_checkpoint, tmp_path):
         _load(tiny_checkpoint, tmp_path, attention="avx9000")
     with pytest.raises(ValueError, match="backend.prepack"):
         BackendOptions.from_mapping({"prepack": "sometimes"})
+    assert _winograd(_load(tiny_checkpoint, tmp_path, winograd="none").model) == {}
+    with pytest.raises(ValueError, match="backend.winograd"):
+        BackendOptions.from_mapping({"winograd": "always"})
     with pytest.raises(ValueError, match="unknown keys"):
         BackendOptions.from_mapping({"packing": "all"})
 
@@ -257,3 +265,101 @@ def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_p
             m.attend = attend
     assert seen == carried_layers
     assert seen_attention == carried_attention
+
+
+# --- Winograd 3x3 convolutions ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, channels, out_channels, height, width, bias", [
+    (2, 8, 16, 8, 8, True), (1, 5, 3, 5, 7, True), (3, 16, 16, 1, 1, False), (2, 32, 8, 4, 10, True),
+    (1, 64, 64, 9, 4, True),
+])
+def test_winograd_convolution_equals_the_direct_one(batch, channels, out_channels, height, width, bias):
+    conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias).requires_grad_(False)
+    x = torch.randn(batch, channels, height, width)
+    with torch.inference_mode():
+        expected = conv(x)
+        got = cpu_winograd.WinogradConv2d(conv, fallback=None, max_positions=x.numel())(x)
+    assert got.shape == expected.shape and got.is_contiguous()
+    # The transforms cost a few bits: measured up to 5e-6 of the output's magnitude on the UNet's 320-1280
+    # channel convolutions (scripts: docs/benchmarks.md), 1e-7..5e-7 at these sizes; a wrong tap is off by ~1.
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-5
+
+
+def test_winograd_hands_inputs_above_its_bound_to_the_convolution_it_replaced():
+    conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    calls = []
+    fallback = conv.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    twin = cpu_winograd.WinogradConv2d(conv, fallback=conv, max_positions=2 * 8 * 8)
+    with torch.inference_mode():
+        twin(torch.randn(2, 4, 8, 8))
+        twin(torch.randn(1, 4, 8, 16))
+        assert calls == []
+        big = torch.randn(2, 4, 8, 10)
+        assert torch.equal(twin(big), conv(big))
+    fallback.remove()
+    assert calls == [(2, 4, 8, 10), (2, 4, 8, 10)]
+
+
+def test_winograd_takes_plain_3x3_fp32_convolutions_only():
+    assert cpu_winograd.applicable(nn.Conv2d(4, 4, 3, padding=1), torch.float32)
+    assert not cpu_winograd.applicable(nn.Conv2d(4, 4, 3, padding=1), torch.bfloat16)
+    for other in (nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                  nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                  nn.Linear(4, 4)):
+        assert not cpu_winograd.applicable(other, torch.float32)
+
+
+# The calibration shapes of one class: a square and a landscape map, batch 2. The largest has 2 x 8 x 16 = 256
+# positions; at twice its sides 1024, at three times 2304.
+CLASS_SHAPES = [(2, 4, 8, 8), (2, 4, 8, 16)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("prepack, packed_seconds, winograd_wins_up_to, expected", [
+    ("none", None, 10**6, (False, 2304)),  # wins at every size timed: up to three times the sides
+    ("none", None, 1024, (False, 1024)),  # loses at three times the sides: up to twice
+    ("none", None, 200, (False, 0)),  # loses at a calibration shape: never
+    ("auto", 0.4, 10**6, (True, 0)),  # packed is faster still: packed alone
+    ("auto", 0.8, 10**6, (True, 2304)),  # both win: Winograd over packed, packed beyond Winograd's bound
+    ("auto", 2.0, 1024, (False, 1024)),  # packing loses: Winograd over plain
+])
+def test_winograd_runs_up_to_the_largest_input_it_won_at(monkeypatch, prepack, packed_seconds, winograd_wins_up_to,
+                                                         expected):
+    def cost(layer, x):
+        if isinstance(layer, cpu_winograd.WinogradConv2d):
+            return 0.5 if cpu._positions(x.shape) <= winograd_wins_up_to else 2.0
+        return packed_seconds if isinstance(layer, PackedConv2d) else 1.0
+
+    timed = _Timed(monkeypatch, cost)
+    try:
+        backend = cpu.CpuBackend(torch.device("cpu"), torch.float32, BackendOptions(prepack=prepack))
+        chosen = backend._choose_twin(nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False), CLASS_SHAPES)
+    finally:
+        timed.close()
+    assert chosen == expected
+
+
+@needs_onednn
+def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, tmp_path, monkeypatch, house_image):
+    """Winograd wins over packed convolutions, which win over plain: every 3x3 convolution the probe runs gets
+    Winograd, with its packed twin beyond the bound; the images stay those of the plain pipeline."""
+    def cost(layer, x):
+        if isinstance(layer, cpu_winograd.WinogradConv2d):
+            return 0.5
+        return 0.8 if isinstance(layer, (PackedConv2d, PackedLinear)) else 1.0
+
+    timed = _Timed(monkeypatch, cost)
+    try:
+        pipe = _load(tiny_checkpoint, tmp_path, attention="torch")
+    finally:
+        timed.close()
+    winograd = _winograd(pipe.model)
+    assert winograd and all(n.startswith(("model.diffusion_model.", "control_model.")) for n in winograd)
+    assert not any(n.startswith("control_model.input_hint_block") for n in winograd)  # the probe does not time it
+    assert all(isinstance(pipe.model.get_submodule(n).fallback, PackedConv2d) for n in winograd)
+    assert f"winograd {len(winograd)} convolutions" in pipe.backend.summary()
+    plain = _load(tiny_checkpoint, tmp_path, prepack="none", winograd="none", attention="torch", calibration_cache="")
+    params = GenerationParams(prompt="a house", image_resolution=64, ddim_steps=3, seed=4)
+    image = pipe.generate([pipe.prepare(house_image, params)])[0].images[0]
+    reference = plain.generate([plain.prepare(house_image, params)])[0].images[0]
+    assert np.abs(image.astype(int) - reference).max() <= 1

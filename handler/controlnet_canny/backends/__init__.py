@@ -22,6 +22,7 @@ Probe = Callable[[tuple[int, int]], None]
 class BackendOptions:
     """The `handler.backend` section of model-config.yaml (also `generate.py --backend KEY=VALUE`)."""
     prepack: str = "auto"  # CPU: auto (measured per layer class), all, none
+    winograd: str = "auto"  # CPU, fp32: auto (3x3 convolutions by Winograd up to the largest map it won at), none
     attention: str = "auto"  # CPU: auto (measured), torch, or a kernel variant such as avx512 / avx2
     calibration_cache: str = "default"  # CPU: directory of the measured choices; default: ~/.cache/...; "": none
 
@@ -34,6 +35,8 @@ class BackendOptions:
         options = cls(**{k: str(v) for k, v in section.items()})
         if options.prepack not in ("auto", "all", "none"):
             raise ValueError(f"backend.prepack must be auto, all or none, got {options.prepack!r}")
+        if options.winograd not in ("auto", "none"):
+            raise ValueError(f"backend.winograd must be auto or none, got {options.winograd!r}")
         return options
 
 

@@ -1,11 +1,14 @@
-"""CPUs: oneDNN-packed weights and a C attention kernel, each used only where it measured faster on this machine.
+"""CPUs: oneDNN-packed weights, Winograd 3x3 convolutions and a C attention kernel, each used only where it
+measured faster on this machine.
 
-Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3,
-see docs/benchmarks.md) and on the shapes a layer sees. So at load the backend finds every shape each layer of
-the model sees at a calibration size in several aspect ratios (carried over from one small real forward),
-times the candidates of each distinct layer class on those shapes, and keeps a lever only for the classes where
-it wins at every shape. The choices are cached per machine, torch version, thread count and dtype, logged in
-one line, and can be forced in model-config.yaml (`handler.backend`).
+Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3;
+Winograd wins at the deep levels on AVX2 and mostly loses to packing on AVX-512, see docs/benchmarks.md) and on
+the shapes a layer sees. So at load the backend finds every shape each layer of the model sees at a calibration
+size in several aspect ratios (carried over from one small real forward), times the candidates of each distinct
+layer class on those shapes, and keeps packing only for the classes where it wins at every shape; Winograd, whose
+gain shrinks as maps grow, is also timed at larger maps and runs up to the largest input it won at. The choices
+are cached per machine, torch version, thread count and dtype, logged in one line, and can be forced in
+model-config.yaml (`handler.backend`).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -25,11 +29,12 @@ from torch import nn
 
 from ..unet import CrossAttention, multihead_attention
 from . import Backend, BackendOptions, Probe
-from . import cpu_attention, cpu_prepack
+from . import cpu_attention, cpu_prepack, cpu_winograd
 from .cpu_attention import cpu_flags
 
 log = logging.getLogger(__name__)
 
+CHOICES_FORMAT = "choices-v2"  # part of a cache entry's key: an entry written by older code is measured again
 WIN_MARGIN = 0.95  # a lever must take at most 95% of the plain time: within timing noise, plain is kept
 TIME_BUDGET_S = 0.05  # per candidate and shape: enough runs to fill it, at least one after a warm-up
 MAX_RUNS = 5
@@ -38,6 +43,9 @@ NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 # halvings), with unequal sides so that heights and widths cannot be confused, and an area (128) that no text
 # sequence (77 tokens per chunk) shares.
 REFERENCE_LATENT = (8, 16)
+# Winograd is timed at the calibration shapes, then at the largest of them with its sides this many times
+# longer (3x 256 px: the largest output the default limits allow), as long as it keeps winning.
+WINOGRAD_SCALES = (2, 3)
 
 
 def cpu_model() -> str:
@@ -120,7 +128,8 @@ class CpuBackend(Backend):
         directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
                                                                    Path(self.options.calibration_cache))
         cache = CalibrationCache(directory, self.dtype)
-        key = f"{model_id} latents {latent_sizes} prepack {self.options.prepack} attention {self.options.attention}"
+        key = (f"{CHOICES_FORMAT} {model_id} latents {latent_sizes} prepack {self.options.prepack} winograd {self.options.winograd} "
+               f"attention {self.options.attention}")
         cached = key in cache.entries
         if not cached:
             start = time.perf_counter()
@@ -130,14 +139,15 @@ class CpuBackend(Backend):
         choice = cache.entries[key]
         modules = dict(model.named_modules())
         packable = [name for name, module in modules.items() if cpu_prepack.packable(module)]
-        if choice["packed"]:
-            packed = {modules[name] for name in choice["packed"]}
-            cpu_prepack.prepack(model, packed.__contains__)
+        packed = {modules[name] for name in choice["packed"]}
+        winograd = {modules[name]: positions for name, positions in choice["winograd"].items()}
+        cpu_prepack.prepack(model, lambda layer: _twin(layer, layer in packed, winograd.get(layer)))
         kernel = None if choice["attention"] == "torch" else self._kernel(choice["attention"])
         if kernel is not None:
             cpu_attention.install(model, kernel)
         self.choices = {
             "prepack": f"{len(choice['packed'])}/{len(packable)} layers ({choice['classes']})",
+            "winograd": f"{len(winograd)} convolutions",
             "attention": kernel.name if kernel is not None else "torch",
             "calibration": "cached" if cached else f"measured in {measured_s:.1f} s",
         }
@@ -148,34 +158,58 @@ class CpuBackend(Backend):
     def _measure(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]]) -> dict:
         layer_shapes, attention_shapes = _record_shapes(model, probe, latent_sizes)
         names = {module: name for name, module in model.named_modules()}
-        packed, wins, classes = self._choose_packing(layer_shapes)
-        return {"packed": sorted(names[m] for m in packed), "classes": f"{wins}/{classes} classes packed",
-                "attention": self._choose_attention(attention_shapes)}
-
-    def _choose_packing(self, layer_shapes: dict[nn.Module, set[tuple]]) -> tuple[set[nn.Module], int, int]:
-        if not cpu_prepack.supported(self.device, self.dtype) or self.options.prepack == "none":
-            return set(), 0, 0
         by_class: dict[str, list[nn.Module]] = defaultdict(list)
         for module in layer_shapes:
             by_class[_layer_class(module)].append(module)
-        packed: set[nn.Module] = set()
-        wins = 0
+        packed, winograd = [], {}
         for modules in by_class.values():
             shapes = sorted(set().union(*(layer_shapes[m] for m in modules)))
-            if self.options.prepack == "all" or self._packing_wins(modules[0], shapes):
-                packed.update(modules)
-                wins += 1
-        return packed, wins, len(by_class)
+            is_packed, positions = self._choose_twin(modules[0], shapes)
+            if is_packed:
+                packed += modules
+            if positions:
+                winograd.update(dict.fromkeys(modules, positions))
+        packed_classes = len({_layer_class(m) for m in packed})
+        return {"packed": sorted(names[m] for m in packed),
+                "winograd": {names[m]: positions for m, positions in sorted(winograd.items(), key=lambda i: names[i[0]])},
+                "classes": f"{packed_classes}/{len(by_class)} classes packed",
+                "attention": self._choose_attention(attention_shapes)}
 
-    def _packing_wins(self, layer: nn.Module, shapes: list[tuple]) -> bool:
-        """Packed must win at every shape the layer class sees: no request shape may get slower than plain."""
-        twin = cpu_prepack.packed_twin(layer)
+    def _choose_twin(self, layer: nn.Module, shapes: list[tuple]) -> tuple[bool, int]:
+        """Whether the layer class is packed (packed must win at every shape it sees: no request shape may get
+        slower than plain), and the largest input (batch x height x width) up to which Winograd beats that
+        choice at every shape timed (0: never)."""
+        packing = cpu_prepack.supported(self.device, self.dtype) and self.options.prepack != "none"
+        winograd = self.options.winograd == "auto" and cpu_winograd.applicable(layer, self.dtype)
+        measured: dict[tuple, float] = {}
+
+        def seconds(module: nn.Module, x: torch.Tensor) -> float:
+            key = (id(module), tuple(x.shape))
+            if key not in measured:
+                measured[key] = median_seconds(lambda: module(x))
+            return measured[key]
+
+        def faster(twin: nn.Module, than: nn.Module, inputs: list[torch.Tensor]) -> bool:
+            return all(seconds(twin, x) <= WIN_MARGIN * seconds(than, x) for x in inputs)
+
         with torch.inference_mode():
-            for shape in shapes:
-                x = torch.randn(shape, dtype=self.dtype)
-                if median_seconds(lambda: twin(x)) > WIN_MARGIN * median_seconds(lambda: layer(x)):
-                    return False
-        return True
+            inputs = [torch.randn(shape, dtype=self.dtype) for shape in shapes]
+            base = layer
+            if packing:
+                packed = cpu_prepack.packed_twin(layer)
+                if self.options.prepack == "all" or faster(packed, layer, inputs):
+                    base = packed
+            twin = cpu_winograd.WinogradConv2d(layer, base, sys.maxsize) if winograd else None
+            if twin is None or not faster(twin, base, inputs):
+                return base is not layer, 0
+            largest = max(shapes, key=_positions)
+            positions = _positions(largest)
+            for scale in WINOGRAD_SCALES:
+                x = torch.randn(*largest[:2], largest[2] * scale, largest[3] * scale, dtype=self.dtype)
+                if not faster(twin, base, [x]):
+                    break
+                positions = _positions(x.shape)
+        return base is not layer, positions
 
     def _choose_attention(self, shapes: dict[tuple, int]) -> str:
         wanted = self.options.attention
@@ -191,6 +225,22 @@ class CpuBackend(Backend):
                    for name, attend in {"torch": multihead_attention, **kernels}.items()}
         best = min(seconds, key=seconds.get)
         return best if seconds[best] <= WIN_MARGIN * seconds["torch"] else "torch"
+
+
+def _positions(shape: tuple) -> int:
+    """What Winograd's cost grows with: the input's batch x height x width."""
+    return shape[0] * shape[2] * shape[3]
+
+
+def _twin(layer: nn.Module, packed: bool, winograd_positions: int | None) -> Callable[[nn.Module], nn.Module] | None:
+    """How the calibration's choice for `layer` replaces it (None: it stays plain)."""
+    if not winograd_positions:
+        return cpu_prepack.packed_twin if packed else None
+
+    def winograd(plain: nn.Module) -> nn.Module:
+        base = cpu_prepack.packed_twin(plain) if packed else plain
+        return cpu_winograd.WinogradConv2d(plain, base, winograd_positions)
+    return winograd
 
 
 def _attention_seconds(attend, shapes: dict[tuple, int], dtype: torch.dtype) -> float:

@@ -79,16 +79,17 @@ def packed_twin(layer: nn.Module) -> nn.Module:
     return PackedConv2d(layer) if type(layer) is nn.Conv2d else PackedLinear(layer)
 
 
-def prepack(model: nn.Module, chosen: Callable[[nn.Module], bool]) -> None:
-    """Replaces the packable layers of `model` (loaded, on CPU) that `chosen` accepts by their packed twins.
+def prepack(model: nn.Module, twin_of: Callable[[nn.Module], Callable[[nn.Module], nn.Module] | None]) -> None:
+    """Replaces each packable layer of `model` (loaded, on CPU) for which `twin_of` gives a twin's constructor
+    (`packed_twin`, or one that also wraps it, as `cpu_winograd.WinogradConv2d` does) by that twin.
 
     The replacements keep their attribute paths; they are for inference only (no state_dict round trip).
     """
     # Only the parents are listed, so each plain layer is freed as soon as its twin replaces it: peak memory
     # grows by one layer, not by a second copy of the model.
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if packable(child) and chosen(child)]
-    for parent, name in targets:
+    targets = [(parent, name, twin) for parent in model.modules() for name, child in parent.named_children()
+               if packable(child) and (twin := twin_of(child)) is not None]
+    for parent, name, twin in targets:
         plain = getattr(parent, name)
-        setattr(parent, name, packed_twin(plain))
+        setattr(parent, name, twin(plain))
         _page_out(plain.weight)
