@@ -278,26 +278,27 @@ def test_winograd_convolution_equals_the_direct_one(batch, channels, out_channel
     x = torch.randn(batch, channels, height, width)
     with torch.inference_mode():
         expected = conv(x)
-        got = cpu_winograd.WinogradConv2d(conv, fallback=None, max_positions=x.numel())(x)
+        got = cpu_winograd.WinogradConv2d(conv, max_positions=batch * height * width)(x)
     assert got.shape == expected.shape and got.is_contiguous()
     # The transforms cost a few bits: measured up to 5e-6 of the output's magnitude on the UNet's 320-1280
     # channel convolutions (scripts: docs/benchmarks.md), 1e-7..5e-7 at these sizes; a wrong tap is off by ~1.
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-5
 
 
-def test_winograd_hands_inputs_above_its_bound_to_the_convolution_it_replaced():
-    conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+def test_winograd_runs_a_larger_batch_in_parts_and_a_larger_map_by_the_convolution_it_replaced():
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
     calls = []
-    fallback = conv.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
-    twin = cpu_winograd.WinogradConv2d(conv, fallback=conv, max_positions=2 * 8 * 8)
+    hook = conv.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    twin = cpu_winograd.WinogradConv2d(conv, max_positions=2 * 8 * 8)
     with torch.inference_mode():
-        twin(torch.randn(2, 4, 8, 8))
-        twin(torch.randn(1, 4, 8, 16))
+        for shape in [(2, 4, 8, 8), (1, 4, 8, 16), (5, 4, 8, 8), (3, 4, 5, 7)]:  # at most 2 x 8 x 8 per part
+            x = torch.randn(shape)
+            expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+            assert ((twin(x) - expected).abs().max() / expected.abs().max()).item() < 2e-5
         assert calls == []
-        big = torch.randn(2, 4, 8, 10)
-        assert torch.equal(twin(big), conv(big))
-    fallback.remove()
-    assert calls == [(2, 4, 8, 10), (2, 4, 8, 10)]
+        twin(torch.randn(1, 4, 8, 17))
+    hook.remove()
+    assert calls == [(1, 4, 8, 17)]
 
 
 def test_winograd_takes_plain_3x3_fp32_convolutions_only():
@@ -310,18 +311,18 @@ def test_winograd_takes_plain_3x3_fp32_convolutions_only():
 
 
 # The calibration shapes of one class: a square and a landscape map, batch 2. The largest has 2 x 8 x 16 = 256
-# positions; at twice its sides 1024, at three times 2304.
+# positions, at twice its sides 1024.
 CLASS_SHAPES = [(2, 4, 8, 8), (2, 4, 8, 16)]
 
 
 @needs_onednn
 @pytest.mark.parametrize("prepack, packed_seconds, winograd_wins_up_to, expected", [
-    ("none", None, 10**6, (False, 2304)),  # wins at every size timed: up to three times the sides
-    ("none", None, 1024, (False, 1024)),  # loses at three times the sides: up to twice
+    ("none", None, 10**6, (False, 1024)),  # wins at every size timed: up to twice the sides
+    ("none", None, 1000, (False, 256)),  # loses at twice the sides: up to the calibration shapes
     ("none", None, 200, (False, 0)),  # loses at a calibration shape: never
     ("auto", 0.4, 10**6, (True, 0)),  # packed is faster still: packed alone
-    ("auto", 0.8, 10**6, (True, 2304)),  # both win: Winograd over packed, packed beyond Winograd's bound
-    ("auto", 2.0, 1024, (False, 1024)),  # packing loses: Winograd over plain
+    ("auto", 0.8, 10**6, (True, 1024)),  # both win: Winograd over packed, packed beyond Winograd's bound
+    ("auto", 2.0, 1000, (False, 256)),  # packing loses: Winograd over plain
 ])
 def test_winograd_runs_up_to_the_largest_input_it_won_at(monkeypatch, prepack, packed_seconds, winograd_wins_up_to,
                                                          expected):
@@ -342,7 +343,8 @@ def test_winograd_runs_up_to_the_largest_input_it_won_at(monkeypatch, prepack, p
 @needs_onednn
 def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, tmp_path, monkeypatch, house_image):
     """Winograd wins over packed convolutions, which win over plain: every 3x3 convolution the probe runs gets
-    Winograd, with its packed twin beyond the bound; the images stay those of the plain pipeline."""
+    Winograd instead of packing (larger maps run plain: no second copy of a weight); the images stay those of the
+    plain pipeline."""
     def cost(layer, x):
         if isinstance(layer, cpu_winograd.WinogradConv2d):
             return 0.5
@@ -356,7 +358,8 @@ def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, 
     winograd = _winograd(pipe.model)
     assert winograd and all(n.startswith(("model.diffusion_model.", "control_model.")) for n in winograd)
     assert not any(n.startswith("control_model.input_hint_block") for n in winograd)  # the probe does not time it
-    assert all(isinstance(pipe.model.get_submodule(n).fallback, PackedConv2d) for n in winograd)
+    assert all(type(pipe.model.get_submodule(n).conv) is nn.Conv2d for n in winograd)
+    assert _packed(pipe.model), "the linears won packed"
     assert f"winograd {len(winograd)} convolutions" in pipe.backend.summary()
     plain = _load(tiny_checkpoint, tmp_path, prepack="none", winograd="none", attention="torch", calibration_cache="")
     params = GenerationParams(prompt="a house", image_resolution=64, ddim_steps=3, seed=4)

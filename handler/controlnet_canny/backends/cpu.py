@@ -43,9 +43,11 @@ NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 # halvings), with unequal sides so that heights and widths cannot be confused, and an area (128) that no text
 # sequence (77 tokens per chunk) shares.
 REFERENCE_LATENT = (8, 16)
-# Winograd is timed at the calibration shapes, then at the largest of them with its sides this many times
-# longer (3x 256 px: the largest output the default limits allow), as long as it keeps winning.
-WINOGRAD_SCALES = (2, 3)
+# Winograd is timed at the calibration shapes, then at the largest of them with its sides this many times longer
+# (2: up to a 512 px output, the default image_resolution), as long as it keeps winning. Three times (768 px, the
+# largest output) would cover every size, but made the first load's calibration 50 instead of 37 s (full model,
+# 2 cores): larger inputs go to the packed or plain convolution, which is never slower than plain.
+WINOGRAD_SCALES = (2,)
 
 
 def cpu_model() -> str:
@@ -141,7 +143,7 @@ class CpuBackend(Backend):
         packable = [name for name, module in modules.items() if cpu_prepack.packable(module)]
         packed = {modules[name] for name in choice["packed"]}
         winograd = {modules[name]: positions for name, positions in choice["winograd"].items()}
-        cpu_prepack.prepack(model, lambda layer: _twin(layer, layer in packed, winograd.get(layer)))
+        cpu_prepack.prepack(model, lambda layer: _twin(layer in packed, winograd.get(layer)))
         kernel = None if choice["attention"] == "torch" else self._kernel(choice["attention"])
         if kernel is not None:
             cpu_attention.install(model, kernel)
@@ -165,10 +167,10 @@ class CpuBackend(Backend):
         for modules in by_class.values():
             shapes = sorted(set().union(*(layer_shapes[m] for m in modules)))
             is_packed, positions = self._choose_twin(modules[0], shapes)
-            if is_packed:
-                packed += modules
             if positions:
                 winograd.update(dict.fromkeys(modules, positions))
+            elif is_packed:
+                packed += modules
         packed_classes = len({_layer_class(m) for m in packed})
         return {"packed": sorted(names[m] for m in packed),
                 "winograd": {names[m]: positions for m, positions in sorted(winograd.items(), key=lambda i: names[i[0]])},
@@ -178,9 +180,11 @@ class CpuBackend(Backend):
     def _choose_twin(self, layer: nn.Module, shapes: list[tuple]) -> tuple[bool, int]:
         """Whether the layer class is packed (packed must win at every shape it sees: no request shape may get
         slower than plain), and the largest input (batch x height x width) up to which Winograd beats that
-        choice at every shape timed (0: never)."""
-        packing = cpu_prepack.supported(self.device, self.dtype) and self.options.prepack != "none"
-        winograd = self.options.winograd == "auto" and cpu_winograd.applicable(layer, self.dtype)
+        choice at every shape timed (0: never). Where Winograd runs, it replaces packing: maps beyond its bound
+        run plain, so that no layer holds a second copy of its weight."""
+        onednn = cpu_prepack.supported(self.device, self.dtype)  # Winograd's products are oneDNN's too
+        packing = onednn and self.options.prepack != "none"
+        winograd = onednn and self.options.winograd == "auto" and cpu_winograd.applicable(layer, self.dtype)
         measured: dict[tuple, float] = {}
 
         def seconds(module: nn.Module, x: torch.Tensor) -> float:
@@ -199,7 +203,7 @@ class CpuBackend(Backend):
                 packed = cpu_prepack.packed_twin(layer)
                 if self.options.prepack == "all" or faster(packed, layer, inputs):
                     base = packed
-            twin = cpu_winograd.WinogradConv2d(layer, base, sys.maxsize) if winograd else None
+            twin = cpu_winograd.WinogradConv2d(layer, sys.maxsize) if winograd else None
             if twin is None or not faster(twin, base, inputs):
                 return base is not layer, 0
             largest = max(shapes, key=_positions)
@@ -232,15 +236,11 @@ def _positions(shape: tuple) -> int:
     return shape[0] * shape[2] * shape[3]
 
 
-def _twin(layer: nn.Module, packed: bool, winograd_positions: int | None) -> Callable[[nn.Module], nn.Module] | None:
-    """How the calibration's choice for `layer` replaces it (None: it stays plain)."""
-    if not winograd_positions:
-        return cpu_prepack.packed_twin if packed else None
-
-    def winograd(plain: nn.Module) -> nn.Module:
-        base = cpu_prepack.packed_twin(plain) if packed else plain
-        return cpu_winograd.WinogradConv2d(plain, base, winograd_positions)
-    return winograd
+def _twin(packed: bool, winograd_positions: int | None) -> Callable[[nn.Module], nn.Module] | None:
+    """How the calibration's choice replaces a layer (None: it stays plain)."""
+    if winograd_positions:
+        return lambda plain: cpu_winograd.WinogradConv2d(plain, winograd_positions)
+    return cpu_prepack.packed_twin if packed else None
 
 
 def _attention_seconds(attend, shapes: dict[tuple, int], dtype: torch.dtype) -> float:
