@@ -53,7 +53,7 @@ def test_packed_linear_matches_plain_at_any_shape(dtype, bias):
         assert _relative_diff(ours, theirs) <= TOLERANCES[dtype], shape
 
 
-def test_prepack_replaces_the_chosen_linears_token_projections_and_spatial_convs_only():
+def test_install_twins_replaces_the_chosen_linears_token_projections_and_spatial_convs_only():
     model = nn.Sequential(
         nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Sequential(nn.SiLU(), nn.Linear(8, 8)), nn.GroupNorm(2, 8),
         TokenProjection(8), nn.Linear(8, 8),
@@ -66,7 +66,7 @@ def test_prepack_replaces_the_chosen_linears_token_projections_and_spatial_convs
 
     with torch.inference_mode():
         expected = forward()
-        prepack.prepack(model, lambda layer: None if layer is not_chosen else prepack.packed_twin)
+        prepack.install_twins(model, lambda layer: None if layer is not_chosen else prepack.packed_twin)
         got = forward()
     assert [type(m) for m in (model[0], model[1], model[2][1], model[3], model[4], model[5])] == [
         PackedConv2d, nn.Conv2d, PackedLinear, nn.GroupNorm, PackedLinear, nn.Linear

@@ -130,8 +130,9 @@ class CpuBackend(Backend):
         directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
                                                                    Path(self.options.calibration_cache))
         cache = CalibrationCache(directory, self.dtype)
-        key = (f"{CHOICES_FORMAT} {model_id} latents {latent_sizes} prepack {self.options.prepack} winograd {self.options.winograd} "
-               f"attention {self.options.attention}")
+        options = self.options
+        key = (f"{CHOICES_FORMAT} {model_id} latents {latent_sizes} prepack {options.prepack} "
+               f"winograd {options.winograd} attention {options.attention}")
         cached = key in cache.entries
         if not cached:
             start = time.perf_counter()
@@ -143,7 +144,7 @@ class CpuBackend(Backend):
         packable = [name for name, module in modules.items() if cpu_prepack.packable(module)]
         packed = {modules[name] for name in choice["packed"]}
         winograd = {modules[name]: positions for name, positions in choice["winograd"].items()}
-        cpu_prepack.prepack(model, lambda layer: _twin(layer in packed, winograd.get(layer)))
+        cpu_prepack.install_twins(model, lambda layer: _twin(layer in packed, winograd.get(layer)))
         kernel = None if choice["attention"] == "torch" else self._kernel(choice["attention"])
         if kernel is not None:
             cpu_attention.install(model, kernel)
@@ -173,7 +174,7 @@ class CpuBackend(Backend):
                 packed += modules
         packed_classes = len({_layer_class(m) for m in packed})
         return {"packed": sorted(names[m] for m in packed),
-                "winograd": {names[m]: positions for m, positions in sorted(winograd.items(), key=lambda i: names[i[0]])},
+                "winograd": dict(sorted((names[m], positions) for m, positions in winograd.items())),
                 "classes": f"{packed_classes}/{len(by_class)} classes packed",
                 "attention": self._choose_attention(attention_shapes)}
 

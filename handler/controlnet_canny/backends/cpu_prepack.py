@@ -79,9 +79,9 @@ def packed_twin(layer: nn.Module) -> nn.Module:
     return PackedConv2d(layer) if type(layer) is nn.Conv2d else PackedLinear(layer)
 
 
-def prepack(model: nn.Module, twin_of: Callable[[nn.Module], Callable[[nn.Module], nn.Module] | None]) -> None:
+def install_twins(model: nn.Module, twin_of: Callable[[nn.Module], Callable[[nn.Module], nn.Module] | None]) -> None:
     """Replaces each packable layer of `model` (loaded, on CPU) for which `twin_of` gives a twin's constructor
-    (`packed_twin`, or one that also wraps it, as `cpu_winograd.WinogradConv2d` does) by that twin.
+    (`packed_twin`, or a `cpu_winograd.WinogradConv2d`'s) by that twin.
 
     The replacements keep their attribute paths; they are for inference only (no state_dict round trip).
     """
