@@ -1,14 +1,13 @@
 """CPUs: oneDNN-packed weights, Winograd 3x3 convolutions and a C attention kernel, each used only where it
 measured faster on this machine.
 
-Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3;
-Winograd wins at the deep levels on AVX2 and mostly loses to packing on AVX-512, see docs/benchmarks.md) and on
-the shapes a layer sees. So at load the backend finds every shape each layer of the model sees at a calibration
-size in several aspect ratios (carried over from one small real forward), times the candidates of each distinct
-layer class on those shapes, and keeps packing only for the classes where it wins at every shape; Winograd, whose
-gain shrinks as maps grow, is also timed at larger maps and runs up to the largest input it won at. The choices
-are cached per machine, torch version, thread count and dtype, logged in one line, and can be forced in
-model-config.yaml (`handler.backend`).
+Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3,
+see docs/benchmarks.md) and on the shapes a layer sees (Winograd's gain shrinks as maps grow). So at load the
+backend finds every shape each layer of the model sees at a calibration size in several aspect ratios (carried
+over from one small real forward), times the candidates of each distinct layer class on those shapes, and keeps
+packing only for the classes where it wins at every shape; Winograd is also timed at larger maps and runs up to
+the largest input it won at. The choices are cached per machine, torch version, thread count and dtype, logged
+in one line, and can be forced in model-config.yaml (`handler.backend`).
 """
 from __future__ import annotations
 
