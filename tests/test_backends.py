@@ -271,7 +271,7 @@ def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_p
 
 @pytest.mark.parametrize("batch, channels, out_channels, height, width, bias", [
     (2, 8, 16, 8, 8, True), (1, 5, 3, 5, 7, True), (3, 16, 16, 1, 1, False), (2, 32, 8, 4, 10, True),
-    (1, 64, 64, 9, 4, True),
+    (1, 64, 64, 9, 4, True), (2, 640, 640, 8, 10, True),  # the last: a UNet level's channels, as the model runs
 ])
 def test_winograd_convolution_equals_the_direct_one(batch, channels, out_channels, height, width, bias):
     conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias).requires_grad_(False)
