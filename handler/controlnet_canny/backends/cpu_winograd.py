@@ -6,7 +6,7 @@ element-wise products instead of 36 multiply-adds, done as 16 matrix products of
 transformed weights U = G g G^T [C_in x C_out] (computed once: 16/9 of the weight's size), packed for oneDNN's
 matrix product (torch's batched one runs MKL's AVX2 kernels on AMD CPUs, AVX-512 or not). B^T and A^T
 hold only 0 and +-1, so both transforms are additions of strided views of the channels-last input and of the
-products: no tile is ever gathered. fp32 only: the transforms cost a few bits (about 4e-6 of the output's
+products: no tile is ever gathered. fp32 only: the transforms cost a few bits (1e-6 to 5e-6 of the output's
 magnitude, tested), too many for bf16.
 
 Whether it beats oneDNN's direct convolution depends on the CPU and on the feature map (its gain shrinks as
