@@ -20,8 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from email import policy
-from pathlib import Path
 from email.parser import BytesParser
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,7 @@ class ServingConfig:
     model_config: str
     precision: str = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32
     device: str = "auto"  # auto: the GPU TorchServe assigns to the worker, else the pipeline's choice
-    threads: int = 0  # torch threads per worker; 0: the usable cores divided by maxWorkers
+    threads: int = 0  # torch threads per worker; 0: the usable cores divided by the live workers
     max_image_bytes: int = 16 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_batch_samples: int = 12  # samples per model evaluation; bounds memory when held requests ask many

@@ -78,7 +78,6 @@ class Client:
             files={name: (path.name, path.read_bytes()) for name, path in images.items()}, stream=stream, timeout=3600,
         )
 
-
     def cancel(self, request_id: str) -> None:
         """Stops the request of that request_id at its next step, on whichever worker holds it (202)."""
         self.session.post(f"{self.url}/predictions/{self.model}", headers=self.headers,

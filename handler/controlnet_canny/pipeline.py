@@ -344,6 +344,7 @@ class ControlNetCannyPipeline:
         shape = (1, self.config.unet.in_channels, height // factor, width // factor)
         noise = self.backend.to_device(torch.stack([torch.cat([torch.randn(shape, generator=g) for g in generators])
                                                     for _ in range(1 + plan.noise_draws)]))
+
         def rows(tensor: torch.Tensor) -> torch.Tensor:  # one row per sample, once, rather than per step
             return tensor.expand(p.num_samples, *tensor.shape[1:]).contiguous()
 

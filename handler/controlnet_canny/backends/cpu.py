@@ -185,6 +185,8 @@ class CpuBackend(Backend):
         onednn = cpu_prepack.supported(self.device, self.dtype)  # Winograd's products are oneDNN's too
         packing = onednn and self.options.prepack != "none"
         winograd = onednn and self.options.winograd == "auto" and cpu_winograd.applicable(layer, self.dtype)
+        if not winograd and self.options.prepack != "auto":
+            return packing, 0  # nothing to time
         measured: dict[tuple, float] = {}
 
         def seconds(module: nn.Module, x: torch.Tensor) -> float:
