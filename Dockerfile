@@ -39,8 +39,8 @@ RUN make mar \
     && sed 's#=http://127.0.0.1:#=http://0.0.0.0:#' config.properties > artifacts/container.properties \
     && rm -rf artifacts/tiny
 
-# The runtime: Java for TorchServe's frontend, gcc because a worker compiles its attention kernel for the
-# machine's CPU when it loads the model (handler/controlnet_canny/backends/cpu_attention.c). The application,
+# The runtime: Java for TorchServe's frontend, gcc because a worker compiles its C kernels for the machine's CPU
+# when it loads the model (handler/controlnet_canny/backends/cpu_attention.c, cpu_winograd.c). The application,
 # its environment and the model directory belong to root: the server's user reads them and writes only to
 # TorchServe's working directory (keys, logs) and to /tmp.
 FROM ${BASE_IMAGE}

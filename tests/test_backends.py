@@ -62,8 +62,9 @@ def _packed(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (PackedConv2d, PackedLinear))]
 
 
-def _winograd(model: nn.Module) -> dict[str, int]:
-    return {name: m.max_positions for name, m in model.named_modules() if isinstance(m, cpu_winograd.WinogradConv2d)}
+def _winograd(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (m.tile, m.max_positions) for name, m in model.named_modules()
+            if isinstance(m, cpu_winograd.WinogradConv2d)}
 
 
 def _plain_packable(model: nn.Module) -> list[str]:
@@ -269,85 +270,113 @@ def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_p
 
 # --- Winograd 3x3 convolutions ------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def transforms():
+    loaded = cpu_winograd.load()
+    if loaded is None:
+        pytest.skip("the Winograd transforms do not build or run here (they need AVX2 and a C compiler)")
+    return loaded
+
+
+# Measured error of the output, relative to its largest magnitude, on the UNet's 320-2560 channel convolutions
+# (scripts/bench_conv.py, docs/benchmarks.md): F(2x2) 7e-7..1.3e-6, F(4x4) 1.3e-5..3e-5 (a direct fp32 convolution:
+# 3e-7..5e-6 by its kernel). The bounds leave 3-8x of that; a wrong tap or coefficient is off by ~1.
+TOLERANCE = {2: 1e-5, 4: 1e-4}
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("tile", cpu_winograd.TILES)
 @pytest.mark.parametrize("batch, channels, out_channels, height, width, bias", [
-    (2, 8, 16, 8, 8, True), (1, 5, 3, 5, 7, True), (3, 16, 16, 1, 1, False), (2, 32, 8, 4, 10, True),
-    (1, 64, 64, 9, 4, True), (2, 640, 640, 8, 10, True),  # the last: a UNet level's channels, as the model runs
+    (2, 16, 32, 8, 8, True), (1, 32, 16, 5, 7, True), (3, 16, 16, 1, 1, False), (2, 32, 16, 4, 10, True),
+    (1, 64, 64, 9, 6, True), (2, 640, 640, 8, 10, True),  # the last: a UNet level's channels, as the model runs
 ])
-def test_winograd_convolution_equals_the_direct_one(batch, channels, out_channels, height, width, bias):
+def test_winograd_convolution_equals_the_direct_one(transforms, tile, batch, channels, out_channels, height, width,
+                                                    bias):
     conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias).requires_grad_(False)
     x = torch.randn(batch, channels, height, width)
     with torch.inference_mode():
         expected = conv(x)
-        got = cpu_winograd.WinogradConv2d(conv, max_positions=batch * height * width)(x)
+        got = cpu_winograd.WinogradConv2d(conv, tile, batch * height * width, transforms)(x)
     assert got.shape == expected.shape and got.is_contiguous()
-    # The transforms cost a few bits: measured up to 5e-6 of the output's magnitude on the UNet's 320-1280
-    # channel convolutions (scripts: docs/benchmarks.md), 1e-7..5e-7 at these sizes; a wrong tap is off by ~1.
-    assert ((got - expected).abs().max() / expected.abs().max()).item() < 2e-5
+    assert _relative_error(got, expected) < TOLERANCE[tile]
 
 
-def test_winograd_runs_a_larger_batch_in_parts_and_a_larger_map_by_the_convolution_it_replaced():
-    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+@pytest.mark.parametrize("tile", cpu_winograd.TILES)
+def test_winograd_runs_a_larger_batch_in_parts_and_a_larger_map_by_the_convolution_it_replaced(transforms, tile):
+    conv = nn.Conv2d(16, 32, 3, padding=1).requires_grad_(False)
     calls = []
     hook = conv.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
-    twin = cpu_winograd.WinogradConv2d(conv, max_positions=2 * 8 * 8)
+    twin = cpu_winograd.WinogradConv2d(conv, tile, 2 * 8 * 8, transforms)
     with torch.inference_mode():
-        for shape in [(2, 4, 8, 8), (1, 4, 8, 16), (5, 4, 8, 8), (3, 4, 5, 7)]:  # at most 2 x 8 x 8 per part
+        for shape in [(2, 16, 8, 8), (1, 16, 8, 16), (5, 16, 8, 8), (3, 16, 5, 7)]:  # at most 2 x 8 x 8 per part
             x = torch.randn(shape)
             expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
-            assert ((twin(x) - expected).abs().max() / expected.abs().max()).item() < 2e-5
+            assert _relative_error(twin(x), expected) < TOLERANCE[tile]
         assert calls == []
-        twin(torch.randn(1, 4, 8, 17))
+        twin(torch.randn(1, 16, 8, 17))
     hook.remove()
-    assert calls == [(1, 4, 8, 17)]
+    assert calls == [(1, 16, 8, 17)]
 
 
-def test_winograd_takes_plain_3x3_fp32_convolutions_only():
-    assert cpu_winograd.applicable(nn.Conv2d(4, 4, 3, padding=1), torch.float32)
-    assert not cpu_winograd.applicable(nn.Conv2d(4, 4, 3, padding=1), torch.bfloat16)
-    for other in (nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=2),
-                  nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-                  nn.Linear(4, 4)):
+def test_winograd_takes_plain_3x3_fp32_convolutions_of_whole_lanes_only():
+    assert cpu_winograd.applicable(nn.Conv2d(16, 32, 3, padding=1), torch.float32)
+    assert not cpu_winograd.applicable(nn.Conv2d(16, 32, 3, padding=1), torch.bfloat16)
+    for other in (nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.Conv2d(16, 16, 1),
+                  nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(16, 16, 3, padding=2, dilation=2),
+                  nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), nn.Linear(16, 16),
+                  nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)):  # the C transforms take 16 lanes
         assert not cpu_winograd.applicable(other, torch.float32)
 
 
 # The calibration shapes of one class: a square and a landscape map, batch 2. The largest has 2 x 8 x 16 = 256
 # positions, at twice its sides 1024.
-CLASS_SHAPES = [(2, 4, 8, 8), (2, 4, 8, 16)]
+CLASS_SHAPES = [(2, 16, 8, 8), (2, 16, 8, 16)]
 
 
 @needs_onednn
-@pytest.mark.parametrize("prepack, packed_seconds, winograd_wins_up_to, expected", [
-    ("none", None, 10**6, (False, 1024)),  # wins at every size timed: up to twice the sides
-    ("none", None, 1000, (False, 256)),  # loses at twice the sides: up to the calibration shapes
-    ("none", None, 200, (False, 0)),  # loses at a calibration shape: never
-    ("auto", 0.4, 10**6, (True, 0)),  # packed is faster still: packed alone
-    ("auto", 0.8, 10**6, (True, 1024)),  # both win: Winograd over packed, packed beyond Winograd's bound
-    ("auto", 2.0, 1000, (False, 256)),  # packing loses: Winograd over plain
+@pytest.mark.parametrize("prepack, packed_seconds, f2_wins_up_to, f4_seconds, expected", [
+    ("none", None, 10**6, 1.0, (False, 2, 1024)),  # wins at every size timed: up to twice the sides
+    ("none", None, 1000, 1.0, (False, 2, 256)),  # loses at twice the sides: up to the calibration shapes
+    ("none", None, 200, 1.0, (False, 0, 0)),  # loses at a calibration shape: never
+    ("auto", 0.4, 10**6, 1.0, (True, 0, 0)),  # packed is faster still: packed alone
+    ("auto", 0.8, 10**6, 1.0, (True, 2, 1024)),  # both win: Winograd over packed, packed beyond Winograd's bound
+    ("auto", 2.0, 1000, 1.0, (False, 2, 256)),  # packing loses: Winograd over plain
+    ("none", None, 10**6, 0.3, (False, 4, 1024)),  # F(4x4) beats F(2x2) everywhere: the larger tile
+    ("none", None, 10**6, 0.49, (False, 2, 1024)),  # F(4x4) within timing noise of F(2x2): the smaller tile
+    ("none", None, 200, 0.3, (False, 4, 1024)),  # F(4x4) wins where F(2x2) loses: the larger tile
 ])
-def test_winograd_runs_up_to_the_largest_input_it_won_at(monkeypatch, prepack, packed_seconds, winograd_wins_up_to,
-                                                         expected):
+def test_winograd_runs_the_faster_tile_up_to_the_largest_input_it_won_at(monkeypatch, transforms, prepack,
+                                                                         packed_seconds, f2_wins_up_to, f4_seconds,
+                                                                         expected):
     def cost(layer, x):
         if isinstance(layer, cpu_winograd.WinogradConv2d):
-            return 0.5 if cpu._positions(x.shape) <= winograd_wins_up_to else 2.0
+            if layer.tile == 4:
+                return f4_seconds
+            return 0.5 if cpu._positions(x.shape) <= f2_wins_up_to else 2.0
         return packed_seconds if isinstance(layer, PackedConv2d) else 1.0
 
     timed = _Timed(monkeypatch, cost)
     try:
         backend = cpu.CpuBackend(torch.device("cpu"), torch.float32, BackendOptions(prepack=prepack))
-        chosen = backend._choose_twin(nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False), CLASS_SHAPES)
+        chosen = backend._choose_twin(nn.Conv2d(16, 16, 3, padding=1).requires_grad_(False), CLASS_SHAPES)
     finally:
         timed.close()
     assert chosen == expected
 
 
 @needs_onednn
-def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, tmp_path, monkeypatch, house_image):
-    """Winograd wins over packed convolutions, which win over plain: every 3x3 convolution the probe runs gets
-    Winograd instead of packing (larger maps run plain: no second copy of a weight); the images stay those of the
-    plain pipeline."""
+@pytest.mark.parametrize("tile", cpu_winograd.TILES)
+def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, tmp_path, monkeypatch, house_image,
+                                                               transforms, tile):
+    """Winograd (`tile` the faster) wins over packed convolutions, which win over plain: every 3x3 convolution the
+    probe runs gets Winograd instead of packing (larger maps run plain: no second copy of a weight); the images
+    stay those of the plain pipeline."""
     def cost(layer, x):
         if isinstance(layer, cpu_winograd.WinogradConv2d):
-            return 0.5
+            return 0.5 if layer.tile == tile else 0.6
         return 0.8 if isinstance(layer, (PackedConv2d, PackedLinear)) else 1.0
 
     timed = _Timed(monkeypatch, cost)
@@ -357,12 +386,22 @@ def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, 
         timed.close()
     winograd = _winograd(pipe.model)
     assert winograd and all(n.startswith(("model.diffusion_model.", "control_model.")) for n in winograd)
+    assert {chosen for chosen, _ in winograd.values()} == {tile}
     assert not any(n.startswith("control_model.input_hint_block") for n in winograd)  # the probe does not time it
     assert all(type(pipe.model.get_submodule(n).conv) is nn.Conv2d for n in winograd)
     assert _packed(pipe.model), "the linears won packed"
-    assert f"winograd {len(winograd)} convolutions" in pipe.backend.summary()
+    assert f"{len(winograd)} F({tile}x{tile})" in pipe.backend.summary()
     plain = _load(tiny_checkpoint, tmp_path, prepack="none", winograd="none", attention="torch", calibration_cache="")
     params = GenerationParams(prompt="a house", image_resolution=64, ddim_steps=3, seed=4)
     image = pipe.generate([pipe.prepare(house_image, params)])[0].images[0]
     reference = plain.generate([plain.prepare(house_image, params)])[0].images[0]
     assert np.abs(image.astype(int) - reference).max() <= 1
+
+
+@needs_onednn
+def test_without_the_transforms_no_convolution_gets_winograd(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    assert cpu_winograd.load() is None
+    pipe = _load(tiny_checkpoint, tmp_path, attention="torch")
+    assert _winograd(pipe.model) == {}
+    assert "0 F(2x2), 0 F(4x4) convolutions" in pipe.backend.summary()

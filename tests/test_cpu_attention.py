@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from controlnet_canny.backends import BackendOptions, cpu_attention
+from controlnet_canny.backends import BackendOptions, cpu_attention, cpu_build
 from controlnet_canny.params import GenerationParams
 from controlnet_canny.pipeline import ControlNetCannyPipeline
 from controlnet_canny.unet import CrossAttention, multihead_attention
@@ -125,7 +125,7 @@ CPU_CLASSES = {
 @pytest.mark.parametrize("cpu", CPU_CLASSES)
 def test_variants_follow_thecpu_flags(monkeypatch, cpu):
     flags, fp32, bf16 = CPU_CLASSES[cpu]
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: flags)
     # torch on such a CPU runs with its widest capability (checked apart: the variants follow it)
     capability = "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "DEFAULT"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
@@ -135,15 +135,15 @@ def test_variants_follow_thecpu_flags(monkeypatch, cpu):
 
 
 def test_a_variant_the_cpu_cannot_run_is_not_built(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: CPU_CLASSES["zen3"][0])
-    monkeypatch.setattr(cpu_attention.subprocess, "run", lambda *args, **kwargs: pytest.fail("compiled"))
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: CPU_CLASSES["zen3"][0])
+    monkeypatch.setattr(cpu_build.subprocess, "run", lambda *args, **kwargs: pytest.fail("compiled"))
     assert cpu_attention.load(torch.float32, "avx512") is None
     assert cpu_attention.load(torch.bfloat16, "avx512") is None
 
 
 @pytest.mark.parametrize("compiler", ["false", "/nonexistent/cc"])
 def test_without_a_working_compiler_attention_stays_on_torch(monkeypatch, tmp_path, compiler):
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: CPU_CLASSES["zen3"][0])  # gets to the compiler anywhere
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: CPU_CLASSES["zen3"][0])  # gets to the compiler anywhere
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert cpu_attention.load(torch.float32, "avx2") is None
@@ -187,7 +187,7 @@ def test_bf16_kernel_drifts_from_fp32_no_more_than_torchs_bf16_attention(tiny_ch
 @pytest.mark.parametrize("cpu", ["sandy-bridge", "not x86-64"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_where_no_variant_runs_attention_is_torchs(tiny_checkpoint, monkeypatch, cpu, precision):
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: CPU_CLASSES[cpu][0])
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: CPU_CLASSES[cpu][0])
     pipeline = ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, device="cpu", precision=precision)
     assert _attention_kernels(pipeline) == {multihead_attention}
 
@@ -199,7 +199,7 @@ def test_without_the_kernel_attention_is_torchs(tiny_checkpoint, monkeypatch):
 
 
 def test_variants_stay_within_the_instruction_sets_torch_runs_with(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: CPU_CLASSES["zen4"][0])
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: CPU_CLASSES["zen4"][0])
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert cpu_attention.variants(torch.float32) == ["avx2"]
     assert cpu_attention.variants(torch.bfloat16) == []
@@ -215,5 +215,5 @@ def test_a_library_that_cannot_be_mapped_leaves_attention_to_torch(monkeypatch):
     def noexec(path):
         raise OSError(f"{path}: failed to map segment from shared object")
 
-    monkeypatch.setattr(cpu_attention.ctypes, "CDLL", noexec)
+    monkeypatch.setattr(cpu_build.ctypes, "CDLL", noexec)
     assert cpu_attention.load(torch.float32, variant[0]) is None

@@ -5,8 +5,8 @@ Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 an
 see docs/benchmarks.md) and on the shapes a layer sees (Winograd's gain shrinks as maps grow). So at load the
 backend finds every shape each layer of the model sees at a calibration size in several aspect ratios (carried
 over from one small real forward), times the candidates of each distinct layer class on those shapes, and keeps
-packing only for the classes where it wins at every shape; Winograd is also timed at larger maps and runs up to
-the largest input it won at. The choices are cached per machine, torch version, thread count and dtype, logged
+packing only for the classes where it wins at every shape; Winograd (the larger tile only where it beats the
+smaller at every shape) is also timed at larger maps and runs up to the largest input it won at. The choices are cached per machine, torch version, thread count and dtype, logged
 in one line, and can be forced in model-config.yaml (`handler.backend`).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -29,11 +30,11 @@ from torch import nn
 from ..unet import CrossAttention, multihead_attention
 from . import Backend, BackendOptions, Probe
 from . import cpu_attention, cpu_prepack, cpu_winograd
-from .cpu_attention import cpu_flags
+from .cpu_build import cpu_flags
 
 log = logging.getLogger(__name__)
 
-CHOICES_FORMAT = "choices-v2"  # part of a cache entry's key: an entry written by older code is measured again
+CHOICES_FORMAT = "choices-v3"  # part of a cache entry's key: an entry written by older code is measured again
 WIN_MARGIN = 0.95  # a lever must take at most 95% of the plain time: within timing noise, plain is kept
 TIME_BUDGET_S = 0.05  # per candidate and shape: enough runs to fill it, at least one after a warm-up
 MAX_RUNS = 5
@@ -125,6 +126,10 @@ class CpuBackend(Backend):
             self._kernels[variant] = cpu_attention.load(self.dtype, variant)
         return self._kernels[variant]
 
+    @cached_property
+    def _transforms(self) -> cpu_winograd.Transforms | None:
+        return cpu_winograd.load()  # compiled once per load, and only where a convolution may take it
+
     def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
         directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
                                                                    Path(self.options.calibration_cache))
@@ -142,14 +147,17 @@ class CpuBackend(Backend):
         modules = dict(model.named_modules())
         packable = [name for name, module in modules.items() if cpu_prepack.packable(module)]
         packed = {modules[name] for name in choice["packed"]}
-        winograd = {modules[name]: positions for name, positions in choice["winograd"].items()}
-        cpu_prepack.install_twins(model, lambda layer: _twin(layer in packed, winograd.get(layer)))
+        winograd = {modules[name]: tuple(tile_and_bound) for name, tile_and_bound in choice["winograd"].items()}
+        if winograd and self._transforms is None:  # measured where they built: their layers run plain here
+            winograd = {}
+        cpu_prepack.install_twins(model, lambda layer: self._twin(layer in packed, winograd.get(layer)))
         kernel = None if choice["attention"] == "torch" else self._kernel(choice["attention"])
         if kernel is not None:
             cpu_attention.install(model, kernel)
         self.choices = {
             "prepack": f"{len(choice['packed'])}/{len(packable)} layers ({choice['classes']})",
-            "winograd": f"{len(winograd)} convolutions",
+            "winograd": ", ".join(f"{sum(t == tile for t, _ in winograd.values())} F({tile}x{tile})"
+                                  for tile in cpu_winograd.TILES) + " convolutions",
             "attention": kernel.name if kernel is not None else "torch",
             "calibration": "cached" if cached else f"measured in {measured_s:.1f} s",
         }
@@ -166,27 +174,29 @@ class CpuBackend(Backend):
         packed, winograd = [], {}
         for modules in by_class.values():
             shapes = sorted(set().union(*(layer_shapes[m] for m in modules)))
-            is_packed, positions = self._choose_twin(modules[0], shapes)
+            is_packed, tile, positions = self._choose_twin(modules[0], shapes)
             if positions:
-                winograd.update(dict.fromkeys(modules, positions))
+                winograd.update(dict.fromkeys(modules, [tile, positions]))
             elif is_packed:
                 packed += modules
         packed_classes = len({_layer_class(m) for m in packed})
         return {"packed": sorted(names[m] for m in packed),
-                "winograd": dict(sorted((names[m], positions) for m, positions in winograd.items())),
+                "winograd": dict(sorted((names[m], tile_and_bound) for m, tile_and_bound in winograd.items())),
                 "classes": f"{packed_classes}/{len(by_class)} classes packed",
                 "attention": self._choose_attention(attention_shapes)}
 
-    def _choose_twin(self, layer: nn.Module, shapes: list[tuple]) -> tuple[bool, int]:
+    def _choose_twin(self, layer: nn.Module, shapes: list[tuple]) -> tuple[bool, int, int]:
         """Whether the layer class is packed (packed must win at every shape it sees: no request shape may get
-        slower than plain), and the largest input (batch x height x width) up to which Winograd beats that
-        choice at every shape timed (0: never). Where Winograd runs, it replaces packing: maps beyond its bound
-        run plain, so that no layer holds a second copy of its weight."""
+        slower than plain), the Winograd tile that beats that choice at every shape (a larger tile must also
+        beat the smaller one everywhere), and the largest input (batch x height x width) up to which it does at
+        every shape timed (0: none does). Where Winograd runs, it replaces packing: maps beyond its bound run
+        plain, so that no layer holds a second copy of its weight."""
         onednn = cpu_prepack.supported(self.device, self.dtype)  # Winograd's products are oneDNN's too
         packing = onednn and self.options.prepack != "none"
-        winograd = onednn and self.options.winograd == "auto" and cpu_winograd.applicable(layer, self.dtype)
+        winograd = (onednn and self.options.winograd == "auto" and cpu_winograd.applicable(layer, self.dtype)
+                    and self._transforms is not None)
         if not winograd and self.options.prepack != "auto":
-            return packing, 0  # nothing to time
+            return packing, 0, 0  # nothing to time
         measured: dict[tuple, float] = {}
 
         def seconds(module: nn.Module, x: torch.Tensor) -> float:
@@ -205,17 +215,28 @@ class CpuBackend(Backend):
                 packed = cpu_prepack.packed_twin(layer)
                 if self.options.prepack == "all" or faster(packed, layer, inputs):
                     base = packed
-            twin = cpu_winograd.WinogradConv2d(layer, sys.maxsize) if winograd else None
-            if twin is None or not faster(twin, base, inputs):
-                return base is not layer, 0
+            chosen = None
+            for tile in cpu_winograd.TILES if winograd else ():
+                twin = cpu_winograd.WinogradConv2d(layer, tile, sys.maxsize, self._transforms)
+                if faster(twin, chosen or base, inputs):
+                    chosen = twin
+            if chosen is None:
+                return base is not layer, 0, 0
             largest = max(shapes, key=_positions)
             positions = _positions(largest)
             for scale in WINOGRAD_SCALES:
                 x = torch.randn(*largest[:2], largest[2] * scale, largest[3] * scale, dtype=self.dtype)
-                if not faster(twin, base, [x]):
+                if not faster(chosen, base, [x]):
                     break
                 positions = _positions(x.shape)
-        return base is not layer, positions
+        return base is not layer, chosen.tile, positions
+
+    def _twin(self, packed: bool, winograd: tuple[int, int] | None) -> Callable[[nn.Module], nn.Module] | None:
+        """How the calibration's choice (packed, or Winograd's tile and bound) replaces a layer (None: it stays
+        plain)."""
+        if winograd:
+            return lambda plain: cpu_winograd.WinogradConv2d(plain, *winograd, self._transforms)
+        return cpu_prepack.packed_twin if packed else None
 
     def _choose_attention(self, shapes: dict[tuple, int]) -> str:
         wanted = self.options.attention
@@ -236,13 +257,6 @@ class CpuBackend(Backend):
 def _positions(shape: tuple) -> int:
     """What Winograd's cost grows with: the input's batch x height x width."""
     return shape[0] * shape[2] * shape[3]
-
-
-def _twin(packed: bool, winograd_positions: int | None) -> Callable[[nn.Module], nn.Module] | None:
-    """How the calibration's choice replaces a layer (None: it stays plain)."""
-    if winograd_positions:
-        return lambda plain: cpu_winograd.WinogradConv2d(plain, winograd_positions)
-    return cpu_prepack.packed_twin if packed else None
 
 
 def _attention_seconds(attend, shapes: dict[tuple, int], dtype: torch.dtype) -> float:

@@ -7,71 +7,38 @@ torch's CPU flash-attention kernel runs bf16 at its fp32 rate unless the CPU has
 bf16 pairs natively and tiles for the head dims the UNet has (figures: docs/benchmarks.md). It does the same
 arithmetic (see its header); results differ from torch's by rounding.
 
-Each variant is compiled with the machine's C compiler, with that instruction set's flags only, into a
-temporary directory that is removed once the library is loaded. Without a compiler, on another CPU, or for
-shapes it does not take (head dims over 160, odd ones in bf16), attention stays on `unet.multihead_attention`.
+Each variant is compiled at load (`cpu_build`). Without a compiler, on another CPU, or for shapes it does not
+take (head dims over 160, odd ones in bf16), attention stays on `unet.multihead_attention`.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..unet import CrossAttention, multihead_attention
+from . import cpu_build
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 MAX_HEAD_DIM = 160
-# per variant: the CPU flags its library needs and the compiler flags that target exactly those, widest first
-ISAS = {
-    "avx512": ({"avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"},
-               ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]),
-    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
-}
 # per dtype: its name in the library's functions (attention_<name>), and the variants that have one, each with
 # the CPU flags that function needs beyond its variant's
 KERNELS = {torch.float32: ("fp32", {"avx512": set(), "avx2": set()}),
            torch.bfloat16: ("bf16", {"avx512": {"avx512_bf16"}})}
-COMPILE_FLAGS = ["-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 
 _Strides = ctypes.c_int64 * 2
-
-
-def cpu_flags() -> set[str]:
-    """The x86-64 feature flags of this CPU, as Linux reports them; empty on other machines."""
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
 
 
 def variants(dtype: torch.dtype) -> list[str]:
     """The kernel variants this CPU can run for `dtype`, widest instruction set first; [] where none."""
     if dtype not in KERNELS:
         return []
-    flags = cpu_flags()
-    return [variant for variant, extra in KERNELS[dtype][1].items()
-            if ISAS[variant][0] | extra <= flags and variant in _allowed_by_torch()]
-
-
-def _allowed_by_torch() -> set[str]:
-    """The variants within the instruction sets torch itself runs with: an operator who lowers them
-    (ATEN_CPU_CAPABILITY=avx2, say) lowers the kernel's too."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return {"avx512", "avx2"} if "AVX512" in capability else {"avx2"} if "AVX2" in capability else set()
+    return [variant for variant, extra in KERNELS[dtype][1].items() if cpu_build.runnable(variant, extra)]
 
 
 class CpuAttention:
@@ -112,31 +79,13 @@ class CpuAttention:
 
 
 def load(dtype: torch.dtype, variant: str) -> CpuAttention | None:
-    """The compiled kernel `variant` for `dtype`, or None (logged) where this CPU cannot run it or no C
-    compiler builds it."""
+    """The compiled kernel `variant` for `dtype`, or None (logged) where this CPU cannot run it or it does not
+    build."""
     if variant not in variants(dtype):
         log.warning("attention kernel %s for %s: not for this CPU", variant, dtype)
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler: attention stays on torch's kernel")
-        return None
-    with tempfile.TemporaryDirectory(prefix="cpu-attention-") as build:
-        library_path = Path(build) / f"cpu_attention_{variant}.so"
-        try:
-            subprocess.run([compiler, *COMPILE_FLAGS, *ISAS[variant][1], "-o", str(library_path), str(SOURCE)],
-                           check=True, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as error:
-            detail = getattr(error, "stderr", None) or error
-            log.warning("attention kernel %s did not compile (%s): staying on torch's kernel", variant,
-                        str(detail).strip()[-500:])
-            return None
-        try:  # the loaded library stays mapped after its file is removed with the directory
-            library = ctypes.CDLL(str(library_path))
-        except OSError as error:  # e.g. a TMPDIR mounted noexec
-            log.warning("attention kernel %s did not load (%s): staying on torch's kernel", variant, error)
-            return None
-        return CpuAttention(library, dtype, variant)
+    library = cpu_build.build(SOURCE, variant)
+    return None if library is None else CpuAttention(library, dtype, variant)
 
 
 def install(model: nn.Module, kernel: CpuAttention) -> None:

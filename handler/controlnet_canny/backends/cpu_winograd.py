@@ -1,100 +1,116 @@
-"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for
-Convolutional Neural Networks", section 4.1), in plain torch ops (CPU, fp32).
+"""3x3 convolutions by Winograd's minimal filtering F(m x m, 3 x 3), m = 2 or 4 (Lavin & Gray 2016, "Fast
+Algorithms for Convolutional Neural Networks", section 4), on CPUs in fp32.
 
-Each 4x4 input tile d (stride 2) gives a 2x2 output tile Y = A^T [(G g G^T) * (B^T d B)] A (eq. 8): 16
-element-wise products instead of 36 multiply-adds, done as 16 matrix products of the tiles [tiles x C_in] by the
-transformed weights U = G g G^T [C_in x C_out] (computed once: 16/9 of the weight's size), packed for oneDNN's
-matrix product (torch's batched one runs MKL's AVX2 kernels on AMD CPUs, AVX-512 or not). B^T and A^T
-hold only 0 and +-1, so both transforms are additions of strided views of the channels-last input and of the
-products: no tile is ever gathered. fp32 only: the transforms cost a few bits (1e-6 to 5e-6 of the output's
-magnitude, tested), too many for bf16.
+Each (m + 2) x (m + 2) input tile d gives an m x m output tile Y = A^T [(G g G^T) * (B^T d B)] A (eq. 8): per
+output, (m + 2)^2 / m^2 products instead of 9 multiply-adds (4 for F(2x2), 2.25 for F(4x4)). The element-wise
+products of all tiles are (m + 2)^2 matrix products [tiles x C_in] @ U_k, U = G g G^T computed once ((m + 2)^2 / 9
+of the weight's size) and packed for oneDNN's matrix product (torch's batched one runs MKL's AVX2 kernels on AMD
+CPUs, AVX-512 or not). The transforms B^T . B and A^T . A run in C (`cpu_winograd.c`, compiled at load for this
+CPU): one pass each over channels-last data.
 
-Whether it beats oneDNN's direct convolution depends on the CPU and on the feature map (its gain shrinks as
-maps grow), so `backends.cpu` installs it per layer class with the largest input it measured faster at: a larger
-batch runs in parts of that size, a larger map by the plain convolution it replaced (whose weight stays in the
-memory-mapped checkpoint until then, so the twin holds only U).
+Rounding grows with the tile (F(4x4)'s is about 20x F(2x2)'s, which is about a direct fp32 convolution's; measured
+in docs/benchmarks.md): fine in fp32, too much for bf16.
+
+Which tile beats oneDNN's direct convolution, and up to which map, depends on the CPU and the layer (larger
+tiles need larger maps to pay for their larger weights), so `backends.cpu` installs one per layer class with the
+largest input it measured faster at: a larger batch runs in parts of that size, a larger map by the plain
+convolution it replaced (whose weight stays in the memory-mapped checkpoint until then, so the twin holds only U).
 """
 from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
 
 import torch
 from torch import nn
 
-G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float32)
+from . import cpu_build
+
+SOURCE = Path(__file__).with_name("cpu_winograd.c")
+LANES = 16  # channels per step of the C transforms: channel counts must be multiples of it
+# G of F(m x m, 3 x 3) per tile side m, for the interpolation points the C transforms use
+G = {2: torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64),
+     4: torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                      [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)}
+TILES = tuple(G)
+
+_scratch = threading.local()  # per thread: the transformed input, kept between calls (see `_transformed_input`)
+
+
+class Transforms:
+    """The compiled transforms of every tile side, for one instruction set."""
+
+    def __init__(self, library: ctypes.CDLL, variant: str):
+        self.variant = variant
+        self.input, self.output = {}, {}
+        for tile in TILES:
+            self.input[tile] = getattr(library, f"winograd_f{tile}_input")
+            self.input[tile].argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int]
+            self.output[tile] = getattr(library, f"winograd_f{tile}_output")
+            self.output[tile].argtypes = ([ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+                                          + [ctypes.c_void_p, ctypes.c_int])
+
+
+def load() -> Transforms | None:
+    """The transforms compiled for the widest instruction set this CPU (and torch) runs, or None (logged) where
+    none is or they do not build: Winograd is then not offered."""
+    variant = next((v for v in cpu_build.ISAS if cpu_build.runnable(v)), None)
+    library = None if variant is None else cpu_build.build(SOURCE, variant)
+    return None if library is None else Transforms(library, variant)
 
 
 def applicable(module: nn.Module, dtype: torch.dtype) -> bool:
     return (dtype == torch.float32 and type(module) is nn.Conv2d and module.kernel_size == (3, 3)
             and module.stride == (1, 1) and module.padding == (1, 1) and module.dilation == (1, 1)
-            and module.groups == 1 and module.padding_mode == "zeros")
+            and module.groups == 1 and module.padding_mode == "zeros"
+            and module.in_channels % LANES == 0 and module.out_channels % LANES == 0)
 
 
-def _taps(x: torch.Tensor, dim: int, tiles: int) -> list[torch.Tensor]:
-    """Element k (0..3) of every tile along `dim` (tiles 4 wide at stride 2): four strided views."""
-    before = (slice(None),) * dim
-    return [x[(*before, slice(k, k + 2 * tiles - 1, 2))] for k in range(4)]
-
-
-def _input_transform(d: list[torch.Tensor], out: torch.Tensor) -> None:
-    """out[j] = (B^T d)_j along the tiles' axis, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]."""
-    torch.sub(d[0], d[2], out=out[0])
-    torch.add(d[1], d[2], out=out[1])
-    torch.sub(d[2], d[1], out=out[2])
-    torch.sub(d[1], d[3], out=out[3])
-
-
-def _output_transform(m: list[torch.Tensor], out: list[torch.Tensor]) -> None:
-    """out[i] = (A^T m)_i along the tiles' axis, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
-    torch.add(m[0], m[1], out=out[0]).add_(m[2])
-    torch.sub(m[1], m[2], out=out[1]).sub_(m[3])
+def _transformed_input(numel: int) -> torch.Tensor:
+    """Room for a transformed input, reused: it is the largest buffer of a convolution (at 512 px, 40-70 MB),
+    and one allocated per call would be mapped and page-faulted afresh every time."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.buffer = torch.empty(numel)
+    return buffer[:numel]
 
 
 class WinogradConv2d(nn.Module):
-    """`conv` by Winograd on inputs of at most `max_positions` (batch x height x width): a larger batch in parts,
-    a larger map by `conv` itself."""
+    """`conv` by F(tile x tile, 3 x 3) on inputs of at most `max_positions` (batch x height x width): a larger
+    batch in parts, a larger map by `conv` itself."""
 
-    def __init__(self, conv: nn.Conv2d, max_positions: int):
+    def __init__(self, conv: nn.Conv2d, tile: int, max_positions: int, transforms: Transforms):
         super().__init__()
-        weight = conv.weight.detach().float()
-        # U = G g G^T for every (output, input) channel pair, as 16 (C_out, C_in) matrices (linear weights)
-        transformed = torch.einsum("ai,kcij,bj->abkc", G, weight, G).reshape(16, *weight.shape[:2])
-        self.weights = [torch.ops.mkldnn._reorder_linear_weight(u.contiguous()) for u in transformed]
-        self.bias = None if conv.bias is None else conv.bias.detach()
+        g = G[tile]
+        # U[a * (tile + 2) + b] = (G w G^T)[a][b] for every (out, in) channel pair: one product by G (x) G
+        transformed = torch.kron(g, g).float() @ conv.weight.detach().float().reshape(-1, 9).T
+        self.weights = [torch.ops.mkldnn._reorder_linear_weight(u)
+                        for u in transformed.view(len(g) ** 2, *conv.weight.shape[:2])]
+        self.bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
         self.conv = conv
+        self.tile = tile
         self.max_positions = max_positions
+        self._input, self._output = transforms.input[tile], transforms.output[tile]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, height, width = x.shape
         if height * width > self.max_positions:
             return self.conv(x)
-        out = x.new_empty(n, self.conv.out_channels, height, width)
+        out = torch.empty(n, self.conv.out_channels, height, width, memory_format=torch.channels_last)
         part = self.max_positions // (height * width)
         for start in range(0, n, part):
-            self._winograd(x[start:start + part], out[start:start + part])
-        return out
+            self._winograd(x[start:start + part].contiguous(memory_format=torch.channels_last),
+                           out[start:start + part])
+        return out.contiguous()
 
     def _winograd(self, x: torch.Tensor, out: torch.Tensor) -> None:
         n, channels, height, width = x.shape
-        rows, cols = (height + 1) // 2, (width + 1) // 2
-        # channels last with zero padding 1 (and one more row / column on an odd side): tiles are views of it
-        padded = x.new_zeros(n, 2 * rows + 2, 2 * cols + 2, channels)
-        padded[:, 1:height + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
-        by_rows = x.new_empty(4, n, rows, 2 * cols + 2, channels)
-        _input_transform(_taps(padded, 1, rows), by_rows)
-        v = x.new_empty(4, 4, n, rows, cols, channels)
-        for a in range(4):
-            _input_transform(_taps(by_rows[a], 2, cols), v[a])
-        tiles = v.view(16, n * rows * cols, channels)
-        m = [torch.ops.mkldnn._linear_pointwise(tiles[i], u, None, "none", [], "").view(n, rows, cols, -1)
-             for i, u in enumerate(self.weights)]  # m[4a + b]
-        out_channels = out.shape[1]
-        by_rows = x.new_empty(2, 4, n, rows, cols, out_channels)
-        for b in range(4):
-            _output_transform(m[b::4], list(by_rows[:, b]))
-        y = x.new_empty(n, rows, 2, cols, 2, out_channels)
-        for i in range(2):
-            _output_transform(list(by_rows[i]), [y[:, :, i, :, 0], y[:, :, i, :, 1]])
-        y = y.view(n, 2 * rows, 2 * cols, out_channels)[:, :height, :width].permute(0, 3, 1, 2)
-        if self.bias is None:
-            out.copy_(y)
-        else:
-            torch.add(y, self.bias[:, None, None], out=out)
+        tiles = n * -(-height // self.tile) * -(-width // self.tile)
+        threads = torch.get_num_threads()
+        v = _transformed_input(len(self.weights) * tiles * channels).view(len(self.weights), tiles, channels)
+        self._input(x.data_ptr(), n, height, width, channels, v.data_ptr(), threads)
+        products = [torch.ops.mkldnn._linear_pointwise(v[k], u, None, "none", [], "") for k, u in enumerate(self.weights)]
+        addresses = (ctypes.c_void_p * len(products))(*(m.data_ptr() for m in products))
+        self._output(addresses, None if self.bias is None else self.bias.data_ptr(), n, height, width,
+                     out.shape[1], out.data_ptr(), threads)
