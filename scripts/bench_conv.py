@@ -44,7 +44,8 @@ def main() -> None:
         sys.exit("the Winograd transforms do not build or run here (they need AVX2 and a C compiler)")
     print(f"fp32, batch 2, {args.threads} thread(s), median of {args.rounds} (wall ms), torch's CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, transforms {transforms.variant}")
-    print(f"{'in -> out @ map':>22} {'plain':>8} {'packed':>8} {'F(2x2)':>8} {'F(4x4)':>8}   error: direct / F(2x2) / F(4x4)")
+    print(f"{'in -> out @ map':>22} {'plain':>8} {'packed':>8} {'F(2x2)':>8} {'F(4x4)':>8}"
+          "   error: direct / F(2x2) / F(4x4)")
     torch.manual_seed(0)
     with torch.inference_mode():
         for c_in, c_out, height, width in SHAPES:

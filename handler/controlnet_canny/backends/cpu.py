@@ -6,8 +6,9 @@ see docs/benchmarks.md) and on the shapes a layer sees (Winograd's gain shrinks 
 backend finds every shape each layer of the model sees at a calibration size in several aspect ratios (carried
 over from one small real forward), times the candidates of each distinct layer class on those shapes, and keeps
 packing only for the classes where it wins at every shape; Winograd (the larger tile only where it beats the
-smaller at every shape) is also timed at larger maps and runs up to the largest input it won at. The choices are cached per machine, torch version, thread count and dtype, logged
-in one line, and can be forced in model-config.yaml (`handler.backend`).
+smaller at every shape) is also timed at larger maps and runs up to the largest input it won at. The choices are
+cached per machine, torch version, thread count and dtype, logged in one line, and can be forced in
+model-config.yaml (`handler.backend`).
 """
 from __future__ import annotations
 

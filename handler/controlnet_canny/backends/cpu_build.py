@@ -37,7 +37,8 @@ def cpu_flags() -> set[str]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")),
+                set())
 
 
 def runnable(variant: str, extra_flags: set[str] = frozenset()) -> bool:

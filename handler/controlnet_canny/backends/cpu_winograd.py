@@ -110,7 +110,8 @@ class WinogradConv2d(nn.Module):
         threads = torch.get_num_threads()
         v = _transformed_input(len(self.weights) * tiles * channels).view(len(self.weights), tiles, channels)
         self._input(x.data_ptr(), n, height, width, channels, v.data_ptr(), threads)
-        products = [torch.ops.mkldnn._linear_pointwise(v[k], u, None, "none", [], "") for k, u in enumerate(self.weights)]
+        products = [torch.ops.mkldnn._linear_pointwise(v[k], u, None, "none", [], "")
+                    for k, u in enumerate(self.weights)]
         addresses = (ctypes.c_void_p * len(products))(*(m.data_ptr() for m in products))
         self._output(addresses, None if self.bias is None else self.bias.data_ptr(), n, height, width,
                      out.shape[1], out.data_ptr(), threads)
