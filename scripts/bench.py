@@ -329,7 +329,8 @@ def step_flops(config: Path, shape: Shape) -> int:
     """FLOPs of one guided step (ControlNet + UNet at batch 2), counted by torch's flop counter on the meta
     device: there attention runs as plain matmuls (counted), and no layer is packed (the packed oneDNN ops
     have no flop formula). The standard step's count: ours skips the duplicated guidance rows before the
-    first cross-attention (`unet.widen`), a few percent of it."""
+    first cross-attention (`unet.widen`), a few percent of it, and its Winograd convolutions do fewer
+    multiplications than the direct ones counted here, so "% of peak" may pass 100%."""
     cfg = load_config(config)
     factor = cfg.latent_factor
     height, width = shape.height // factor, shape.width // factor
