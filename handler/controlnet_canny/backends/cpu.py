@@ -219,7 +219,7 @@ class CpuBackend(Backend):
             chosen = None
             for tile in cpu_winograd.TILES if winograd else ():
                 twin = cpu_winograd.WinogradConv2d(layer, tile, sys.maxsize, self._transforms)
-                if faster(twin, chosen or base, inputs):
+                if faster(twin, base if chosen is None else chosen, inputs):
                     chosen = twin
             if chosen is None:
                 return base is not layer, 0, 0
