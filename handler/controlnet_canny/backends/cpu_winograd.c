@@ -13,7 +13,7 @@
 // the instruction set it was given. Tiles are split between threads by (image, block row).
 #include <stdint.h>
 
-#define LANES 16
+#define LANES 16  // cpu_winograd.LANES: the caller offers only channel counts that are multiples of it
 
 // One-dimensional transforms over LANES channels: element e of the input starts at d + e * s, of the output at
 // o + e * os. F(2, 3) interpolates at 0, 1, -1 and infinity; F(4, 3) at 0, 1, -1, 2, -2 and infinity.
@@ -60,7 +60,7 @@ static inline void output_f4(const float *restrict m, int64_t s, float *restrict
     }
 }
 
-// v = B^T d B for every tile: columns first (stride A * LANES in t), then rows, written straight into v's planes.
+// v = B^T d B for every tile: columns first (stride A * LANES in d), then rows, written straight into v's planes.
 #define INPUT_TRANSFORM(M, A)                                                                                    \
 void winograd_f##M##_input(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, float *v, int threads) { \
     const int64_t rows = (h + M - 1) / M, cols = (w + M - 1) / M, plane = n * rows * cols * c;                   \

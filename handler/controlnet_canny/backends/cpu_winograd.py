@@ -28,7 +28,7 @@ from torch import nn
 from . import cpu_build
 
 SOURCE = Path(__file__).with_name("cpu_winograd.c")
-LANES = 16  # channels per step of the C transforms: channel counts must be multiples of it
+LANES = 16  # channels per step of the C transforms (LANES in cpu_winograd.c): channel counts must be multiples of it
 # G of F(m x m, 3 x 3) per tile side m, for the interpolation points the C transforms use
 G = {2: torch.tensor([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64),
      4: torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
