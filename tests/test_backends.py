@@ -40,7 +40,7 @@ class _Timed:
             packed.plain_type = type(layer)
             return packed
 
-        def median_seconds(run):
+        def fastest_seconds(run):
             self.calls += 1
             self.last = None
             run()
@@ -50,7 +50,7 @@ class _Timed:
             self.last = (module, args[0])
 
         monkeypatch.setattr(cpu_prepack, "packed_twin", tagged_twin)
-        monkeypatch.setattr(cpu, "median_seconds", median_seconds)
+        monkeypatch.setattr(cpu, "fastest_seconds", fastest_seconds)
         self.hooks = [nn.modules.module.register_module_forward_pre_hook(record)]
 
     def close(self):
@@ -72,6 +72,19 @@ def _plain_packable(model: nn.Module) -> list[str]:
 
 
 @needs_onednn
+@pytest.mark.parametrize("durations, runs, expected", [
+    ([0.009, 0.004, 0.005], 3, 0.004),  # a slow first run (a primitive built for a new shape) is not the figure
+    ([0.030, 0.040, 0.001], 2, 0.030),  # two runs past the budget: no third
+    ([0.001] * 9, 3, 0.001),
+])
+def test_a_candidate_is_timed_by_its_fastest_of_two_or_three_runs(monkeypatch, durations, runs, expected):
+    starts_and_ends = np.cumsum(np.column_stack([np.zeros(len(durations)), durations]).ravel())
+    clock, calls = iter(starts_and_ends), []
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: next(clock))
+    assert cpu.fastest_seconds(lambda: calls.append(1)) == pytest.approx(expected)
+    assert len(calls) == runs
+
+
 def test_packing_is_kept_only_for_layer_classes_that_win_at_every_shape(tiny_checkpoint, tmp_path, monkeypatch):
     # packed halves every layer's time, except convolutions on landscape inputs, where it doubles it (the cliff
     # seen on an AVX2 machine): every convolution sees a landscape shape, so none may be packed
