@@ -28,6 +28,7 @@ import numpy as np
 
 from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.backends import BackendOptions
+from controlnet_canny.config import reject_unknown_keys
 from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, check_cost, parse_params
 from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared, Sampling
 from controlnet_canny.preprocess import checked_output_size, decode_control_map, decode_image
@@ -76,10 +77,7 @@ class ServingConfig:
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> ServingConfig:
         """Validates the section so that a configuration mistake fails the build or the worker start, not a request."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"handler: unknown keys {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(section, cls, "handler")
         for required in ("checkpoints", "model_config"):
             if not section.get(required):
                 raise ValueError(f"handler.{required} is required (scripts/build_mar.py sets it)")

@@ -71,7 +71,7 @@ def test_config_defaults_and_limits_apply(config, house_png):
     ({**TINY, "precision": "fp8"}, "precision"),
     ({**TINY, "defaults": {"ddim_steps": 0}}, "defaults.ddim_steps"),
     ({**TINY, "defaults": {"prompt": "x"}}, "cannot have defaults"),
-    ({**TINY, "limits": {"steps": [1, 2]}}, "unknown limits"),
+    ({**TINY, "limits": {"steps": [1, 2]}}, "limits: unknown keys"),
 ])
 def test_config_mistakes_are_named(section, message):
     with pytest.raises(ValueError, match=message):

@@ -1,12 +1,23 @@
 """Architecture read from an omegaconf YAML in the original `cldm_v15.yaml` format."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def reject_unknown_keys(section: Mapping[str, Any], schema: type, where: str) -> None:
+    """A configuration section (of model-config.yaml) may only name the fields of its dataclass: a typo fails the
+    build or the worker start instead of being ignored."""
+    known = sorted(f.name for f in fields(schema))
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {known}")
 
 
 @dataclass(frozen=True)

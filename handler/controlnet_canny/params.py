@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .config import reject_unknown_keys
 from .samplers import KARRAS_SAMPLERS, SAMPLERS
 
 DEFAULT_A_PROMPT = "best quality, extremely detailed"
@@ -93,10 +94,7 @@ class Limits:
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown limits: {sorted(unknown)}; known: {sorted(known)}")
+        reject_unknown_keys(overrides, cls, "limits")
         for name in set(overrides) & set(_SCALAR_LIMITS):
             if isinstance(overrides[name], bool) or not isinstance(overrides[name], int) or overrides[name] < 1:
                 raise ValueError(f"limits.{name} must be a positive integer, got {overrides[name]!r}")

@@ -7,11 +7,13 @@ differently per device: when to synchronise before reading a clock, how many sam
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..config import reject_unknown_keys
 
 # Runs the networks of every denoising step (and the text encoder) once at a latent size (height, width), as a
 # request does: the backend watches which layers see which shapes.
@@ -28,10 +30,7 @@ class BackendOptions:
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> BackendOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"backend: unknown keys {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(section, cls, "backend")
         options = cls(**{k: str(v) for k, v in section.items()})
         if options.prepack not in ("auto", "all", "none"):
             raise ValueError(f"backend.prepack must be auto, all or none, got {options.prepack!r}")
