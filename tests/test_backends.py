@@ -4,6 +4,8 @@ progress read after a synchronisation, batched decoding)."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -130,6 +132,60 @@ def test_measured_choices_are_cached_and_reused(tiny_checkpoint, tmp_path, monke
     assert {type(m.attend) for m in second.model.modules() if isinstance(m, CrossAttention)} == \
         {type(m.attend) for m in first.model.modules() if isinstance(m, CrossAttention)}
     assert "cached" in second.backend.summary()
+
+
+@needs_onednn
+def test_choices_timed_on_a_busy_machine_are_used_but_not_cached(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cpu.CpuWatch, "others_share", lambda self: 0.4)
+    with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        busy = _load(tiny_checkpoint, tmp_path)
+    assert not list(tmp_path.glob("calibration-*.json"))
+    assert "others took 40% of the CPUs, not cached" in busy.backend.summary()
+    assert "not cached, the next load measures again" in caplog.text
+    monkeypatch.setattr(cpu.CpuWatch, "others_share", lambda self: 0.02)
+    quiet = _load(tiny_checkpoint, tmp_path)
+    assert len(list(tmp_path.glob("calibration-*.json"))) == 1 and "not cached" not in quiet.backend.summary()
+
+
+def test_the_share_of_the_cpus_others_took_while_timing(monkeypatch):
+    readings = iter([(100.0, 10.0), (108.0, 15.0)])  # (every process, this one) CPU seconds
+    clock = iter([50.0, 60.0])
+    monkeypatch.setattr(cpu, "cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(cpu.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
+    assert cpu.CpuWatch().others_share() == pytest.approx((8 - 5) / (10 * 2))
+
+
+def test_cpu_seconds_count_this_process(monkeypatch):
+    busy, own = cpu.cpu_seconds()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    busy_after, own_after = cpu.cpu_seconds()
+    assert own_after - own >= 0.25
+    assert busy_after - busy >= 0.5 * (own_after - own)  # the machine's busy time includes ours (10 ms ticks)
+
+
+def test_workers_loading_at_once_measure_one_after_another(tmp_path):
+    measured = []
+
+    def load():
+        cache = cpu.CalibrationCache(tmp_path, torch.float32)
+        with cache.exclusive():
+            if "model" not in cache.entries:
+                measured.append(1)
+                time.sleep(0.2)  # the other worker arrives while this one measures
+                cache.entries["model"] = {"packed": []}
+                cache.save()
+        return cache.entries["model"]
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(measured) == 1
+    assert list(tmp_path.iterdir()) == [cpu.CalibrationCache(tmp_path, torch.float32).path]  # no lock file left
 
 
 @needs_onednn

@@ -7,21 +7,25 @@ backend finds every shape each layer of the model sees at a calibration size in 
 over from one small real forward), times the candidates of each distinct layer class on those shapes, and keeps
 packing only for the classes where it wins at every shape; Winograd (the larger tile only where it beats the
 smaller at every shape) is also timed at larger maps and runs up to the largest input it won at. The choices are
-cached per machine, torch version, thread count and dtype, logged in one line, and can be forced in
-model-config.yaml (`handler.backend`).
+cached per machine, torch version, thread count and dtype (unless other processes were busy while they were timed;
+workers loading at once take turns), logged in one line, and can be forced in model-config.yaml
+(`handler.backend`).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -39,6 +43,9 @@ CHOICES_FORMAT = "choices-v3"  # part of a cache entry's key: an entry written b
 WIN_MARGIN = 0.95  # a lever must take at most 95% of the plain time: within timing noise, plain is kept
 TIME_BUDGET_S = 0.05  # per candidate and shape: a third run only while two took less
 MIN_RUNS, MAX_RUNS = 2, 3
+# Timings taken while other processes used more than this share of the CPUs' time (a worker serving beside the one
+# loading, a noisy neighbour) are used for this load but not cached: the next load measures again.
+BUSY_SHARE = 0.1
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 # The latent of the probe whose shapes are watched: the smallest whose every UNet level keeps whole sides (three
 # halvings), with unequal sides so that heights and widths cannot be confused, and an area (128) that no text
@@ -88,6 +95,33 @@ def _layer_class(module: nn.Module) -> str:
     return f"{type(module).__name__.lower()}{weight}"
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds every process of the machine has used, of which this process and the children it waited for,
+    such as the compiler of the C kernels), from /proc/stat: busy time is all but idle and I/O wait; steal, time
+    the hypervisor gave to other guests, counts as busy."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0, 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    own = sum(usage.ru_utime + usage.ru_stime
+              for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
+
+
+class CpuWatch:
+    """How much of the CPUs' time other processes took while this one measured."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.busy, self.own = cpu_seconds()
+
+    def others_share(self) -> float:
+        busy, own = cpu_seconds()
+        capacity = (time.monotonic() - self.start) * (os.cpu_count() or 1)
+        return max(0.0, (busy - self.busy) - (own - self.own)) / capacity if capacity > 0 else 0.0
+
+
 class CalibrationCache:
     """Measured choices in one JSON file per machine (and the instruction sets torch and oneDNN are allowed),
     torch version, thread count and dtype."""
@@ -99,11 +133,35 @@ class CalibrationCache:
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         self.path = None if directory is None else directory / f"calibration-{digest}.json"
         self.entries: dict[str, dict] = {}
-        if self.path is not None and self.path.is_file():
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Reads the entries while holding the cache directory's lock: workers loading at once on one machine
+        measure one after another, so that the later ones take the first one's choices instead of timing while it
+        times (no lock, and nothing read, without a cache directory or where it cannot be made)."""
+        if self.path is None:
+            yield
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+        except OSError as error:
+            log.warning("calibration cache directory unusable (%s): measuring", error)
+            yield
+            return
+        try:
             try:
-                self.entries = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                log.warning("calibration cache %s unreadable: measuring again", self.path)
+                fcntl.flock(directory, fcntl.LOCK_EX)
+            except OSError as error:  # a file system without locks: workers loading at once each measure
+                log.warning("calibration cache %s not locked (%s)", self.path.parent, error)
+            if self.path.is_file():
+                try:
+                    self.entries = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    log.warning("calibration cache %s unreadable: measuring again", self.path)
+            yield
+        finally:
+            os.close(directory)  # releases the lock
 
     def save(self) -> None:
         if self.path is None:
@@ -140,13 +198,20 @@ class CpuBackend(Backend):
         options = self.options
         key = (f"{CHOICES_FORMAT} {model_id} latents {latent_sizes} prepack {options.prepack} "
                f"winograd {options.winograd} attention {options.attention}")
-        cached = key in cache.entries
-        if not cached:
-            start = time.perf_counter()
-            cache.entries[key] = self._measure(model, probe, latent_sizes)
-            measured_s = time.perf_counter() - start
-            cache.save()
-        choice = cache.entries[key]
+        calibration = "cached"
+        with cache.exclusive():
+            choice = cache.entries.get(key)
+            if choice is None:
+                start, watch = time.perf_counter(), CpuWatch()
+                choice = self._measure(model, probe, latent_sizes)
+                calibration = f"measured in {time.perf_counter() - start:.1f} s"
+                if (others := watch.others_share()) > BUSY_SHARE:
+                    log.warning("other processes took %.0f%% of the CPUs while the backend's levers were timed: "
+                                "its choices are used but not cached, the next load measures again", 100 * others)
+                    calibration += f" while others took {100 * others:.0f}% of the CPUs, not cached"
+                else:
+                    cache.entries[key] = choice
+                    cache.save()
         modules = dict(model.named_modules())
         packable = [name for name, module in modules.items() if cpu_prepack.packable(module)]
         packed = {modules[name] for name in choice["packed"]}
@@ -162,7 +227,7 @@ class CpuBackend(Backend):
             "winograd": ", ".join(f"{sum(t == tile for t, _ in winograd.values())} F({tile}x{tile})"
                                   for tile in cpu_winograd.TILES) + " convolutions",
             "attention": kernel.name if kernel is not None else "torch",
-            "calibration": "cached" if cached else f"measured in {measured_s:.1f} s",
+            "calibration": calibration,
         }
 
     def summary(self) -> str:
