@@ -4,6 +4,7 @@ progress read after a synchronisation, batched decoding)."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -152,18 +153,34 @@ def test_the_share_of_the_cpus_others_took_while_timing(monkeypatch):
     clock = iter([50.0, 60.0])
     monkeypatch.setattr(cpu, "cpu_seconds", lambda: next(readings))
     monkeypatch.setattr(cpu.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: {0, 3})
     assert cpu.CpuWatch().others_share() == pytest.approx((8 - 5) / (10 * 2))
 
 
-def test_cpu_seconds_count_this_process(monkeypatch):
-    busy, own = cpu.cpu_seconds()
-    deadline = time.process_time() + 0.3
-    while time.process_time() < deadline:
-        pass
-    busy_after, own_after = cpu.cpu_seconds()
+def test_cpu_seconds_count_this_process_on_the_cpus_it_runs_on(monkeypatch):
+    cpus = sorted(os.sched_getaffinity(0))
+    others = set(cpus[1:])
+
+    def busy_elsewhere() -> float:
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu, "usable_cpus", lambda: others)
+            return cpu.cpu_seconds()[0]
+
+    os.sched_setaffinity(0, cpus[:1])  # the busy loop's CPU is then known
+    try:
+        busy, own = cpu.cpu_seconds()
+        elsewhere = busy_elsewhere()
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:
+            pass
+        busy_after, own_after = cpu.cpu_seconds()
+        elsewhere_after = busy_elsewhere()
+    finally:
+        os.sched_setaffinity(0, cpus)
     assert own_after - own >= 0.25
-    assert busy_after - busy >= 0.5 * (own_after - own)  # the machine's busy time includes ours (10 ms ticks)
+    assert busy_after - busy >= 0.8 * (own_after - own)  # its CPU's busy time includes ours (10 ms ticks)
+    if others:  # and the loop is not counted on the CPUs it did not run on (quiet there during the test)
+        assert elsewhere_after - elsewhere < 0.5 * (own_after - own)
 
 
 def test_workers_loading_at_once_measure_one_after_another(tmp_path):

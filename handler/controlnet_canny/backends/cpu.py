@@ -95,22 +95,30 @@ def _layer_class(module: nn.Module) -> str:
     return f"{type(module).__name__.lower()}{weight}"
 
 
+def usable_cpus() -> set[int]:
+    return os.sched_getaffinity(0)
+
+
 def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds every process of the machine has used, of which this process and the children it waited for,
-    such as the compiler of the C kernels), from /proc/stat: busy time is all but idle and I/O wait; steal, time
-    the hypervisor gave to other guests, counts as busy."""
+    """(CPU seconds the CPUs this process may run on have been busy, of which this process and the children it
+    waited for, such as the compiler of the C kernels), from /proc/stat: busy is all but idle and I/O wait; steal,
+    time the hypervisor gave to other guests, counts as busy."""
+    cpus = {f"cpu{n}" for n in usable_cpus()}
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        rows = [line.split() for line in Path("/proc/stat").read_text().splitlines()]
     except OSError:
         return 0.0, 0.0
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    busy = 0
+    for name, user, nice, system, idle, iowait, irq, softirq, steal, *_ in (row for row in rows if row[0] in cpus):
+        busy += sum(int(ticks) for ticks in (user, nice, system, irq, softirq, steal))
     own = sum(usage.ru_utime + usage.ru_stime
               for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
+    return busy / os.sysconf("SC_CLK_TCK"), own
 
 
 class CpuWatch:
-    """How much of the CPUs' time other processes took while this one measured."""
+    """How much of the time of the CPUs this process may run on other processes took while it measured (on a
+    shared machine, work on other cores does not count)."""
 
     def __init__(self):
         self.start = time.monotonic()
@@ -118,7 +126,7 @@ class CpuWatch:
 
     def others_share(self) -> float:
         busy, own = cpu_seconds()
-        capacity = (time.monotonic() - self.start) * (os.cpu_count() or 1)
+        capacity = (time.monotonic() - self.start) * len(usable_cpus())
         return max(0.0, (busy - self.busy) - (own - self.own)) / capacity if capacity > 0 else 0.0
 
 
