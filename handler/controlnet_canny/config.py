@@ -1,4 +1,5 @@
-"""Architecture read from an omegaconf YAML in the original `cldm_v15.yaml` format."""
+"""Architecture read from an omegaconf YAML in the original `cldm_v15.yaml` format, and the key check every
+section of model-config.yaml shares."""
 from __future__ import annotations
 
 from collections.abc import Mapping
