@@ -189,7 +189,7 @@ class ControlNetHandler:
             _observe_seconds(context.metrics, "preprocess", time.perf_counter() - start)
             if request.mode == "edges":
                 return self._encode(index, request, prepared, None, context)
-            sampling = self.pipeline.start(prepared)
+            sampling = self.pipeline.start(prepared, request.preview_every)
         except ParamError as err:
             _error(context.metrics, serving.error_reason(err.field))
             return serving.param_error_response(err)
@@ -276,7 +276,12 @@ class ControlNetHandler:
             context.set_response_content_type(index, serving.STREAM_TYPE)
             context.set_response_header(index, "X-Seeds", ",".join(map(str, held.sampling.prepared.seeds)))
         held.events_sent += 1
-        return serving.progress_event(held.sampling.done, held.sampling.total)
+        started = time.perf_counter()
+        preview = self.pipeline.preview(held.sampling)
+        jpeg = serving.encode_preview(preview) if preview is not None else None
+        if jpeg is not None:
+            _observe_seconds(context.metrics, "preview", time.perf_counter() - started)
+        return serving.progress_event(held.sampling.done, held.sampling.total, jpeg)
 
     def _reply(self, context, index: int, request: serving.ServingRequest | None, response: serving.Response,
                held: Held | None) -> bytes:

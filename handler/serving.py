@@ -4,7 +4,8 @@ can drive it without a server.
 A request is a multipart form (image file parts plus text fields) or a JSON object (images as base64): `image`
 (canny runs on it), `control_image` (the client's own control map instead) and `init_image` (img2img). Besides the
 generation parameters of `controlnet_canny.params`, transport fields: `output` (zip | png | json, else the Accept
-header decides), `stream` (newline-delimited JSON progress events, then the result), `request_id` (the client's
+header decides), `stream` (newline-delimited JSON progress events, then the result), `preview_every` (a stream's
+progress events carry a preview image every n steps), `request_id` (the client's
 name for the request, which a cancel call names) and `mode` (generate | edges: the edge map alone, no diffusion |
 cancel: stop the request of that request_id).
 """
@@ -24,21 +25,23 @@ from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.backends import BackendOptions
 from controlnet_canny.config import reject_unknown_keys
-from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, check_cost, parse_params
+from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, as_int, check_cost, parse_params
 from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared, Sampling
 from controlnet_canny.preprocess import checked_output_size, decode_control_map, decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
 IMAGE_FIELDS = ("image", "control_image", "init_image")
-TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "mode", "request_id")
+TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "preview_every", "mode", "request_id")
 MODES = ("generate", "edges", "cancel")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
+PREVIEW_JPEG_QUALITY = 80
 STREAM_TYPE = "application/x-ndjson"
 DEFAULT_OUTPUT = "zip"
 ECHO_CHARS = 40  # how much of a client's value or name an error message repeats
@@ -199,6 +202,7 @@ class ServingRequest:
     init_image: np.ndarray | None = None  # (H, W, 3) uint8 RGB, any size
     digests: Mapping[str, str] = field(default_factory=dict)  # control_image / init_image: sha256 of the bytes sent
     request_id: str | None = None  # the client's name for it, which a cancel call names
+    preview_every: int = 0  # a stream's progress events carry a preview every n steps; 0: none
 
 
 @dataclass
@@ -359,6 +363,15 @@ def _request_id(value: Any) -> str | None:
     return value
 
 
+def _preview_every(value: Any, stream: bool, max_steps: int) -> int:
+    steps = as_int("preview_every", value)
+    if not 0 <= steps <= max_steps:
+        raise ParamError("preview_every", f"must be between 0 and {max_steps}, got {steps}")
+    if steps and not stream:
+        raise ParamError("preview_every", "previews travel in a stream's progress events; add stream=true")
+    return steps
+
+
 def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any],
                   config: ServingConfig) -> ServingRequest | CancelRequest:
     """One TorchServe request row to a validated request; every client mistake is a ParamError naming its field."""
@@ -384,6 +397,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any],
         if output not in (None, "json"):
             raise ParamError("stream", "a stream ends with the JSON result; use output=json or leave output unset")
         output = "json"
+    preview_every = _preview_every(raw.pop("preview_every", 0), stream, config.limits.ddim_steps[1])
     if "image" not in raw and "control_image" not in raw:
         raise ParamError("image", "is required (or a control_image): a PNG, JPEG or WebP file part, or base64 text in JSON")
     sent = {name: _image_bytes(raw.pop(name), config.max_image_bytes, name) for name in IMAGE_FIELDS if name in raw}
@@ -407,7 +421,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any],
             height, width = checked_output_size(*(image if image is not None else control).shape[:2],
                                                 params.image_resolution)
         check_cost(params, height, width, config.limits)
-    return ServingRequest(params, image, output, stream, mode, control, init, digests, request_id)
+    return ServingRequest(params, image, output, stream, mode, control, init, digests, request_id, preview_every)
 
 
 def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: int | None,
@@ -484,8 +498,19 @@ def cancelled_response(request_id: str) -> Response:
     return error_response(409, f"request_id: cancelled by a mode=cancel call for {request_id!r}", "request_id")
 
 
-def progress_event(done: int, total: int) -> bytes:
-    return json.dumps({"event": "progress", "step": done, "steps": total}).encode() + b"\n"
+def encode_preview(image: np.ndarray) -> bytes:
+    """A preview image (RGB uint8) as JPEG: a tenth of a PNG's bytes for a picture that is only a glimpse."""
+    ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
+    if not ok:
+        raise ValueError("the preview could not be encoded as JPEG")
+    return jpeg.tobytes()
+
+
+def progress_event(done: int, total: int, preview_jpeg: bytes | None = None) -> bytes:
+    event: dict[str, Any] = {"event": "progress", "step": done, "steps": total}
+    if preview_jpeg is not None:
+        event["preview"] = _b64(preview_jpeg)
+    return json.dumps(event).encode() + b"\n"
 
 
 def stream_final_line(response: Response) -> bytes:

@@ -19,6 +19,7 @@ other things (see their help).
   bench.py                                        # CPU: all shapes at 256 and 512, fp32 and bf16, OpenVINO
   bench.py --shapes 1:1 4:3 --sizes 256 --precisions fp32 --steps 2
   bench.py --device cuda --compile                # GPU: fp16 and bf16, torch.compile
+  bench.py --recipes --shapes 1:1 --sizes 512 --precisions bf16   # whole images: samplers and their options
   bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
            --checkpoint artifacts/tiny/control_tiny_canny.pth --sizes 64 128   # the tiny model: a smoke test
 """
@@ -47,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "handler"))
 
+from controlnet_canny import samplers  # noqa: E402
 from controlnet_canny.backends import BackendOptions  # noqa: E402
 from controlnet_canny.config import CONFIG_DIR, ModelConfig, UNetConfig, load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
@@ -474,6 +476,98 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
     return statistics.median(served), statistics.median(bare)
 
 
+# ------------------------------------------------------------------------------------------------ recipes
+
+# An example interval, not a tuned one: for SD 1.5 it leaves out the first 4 and the last 2 of DDIM's 20 steps
+# (sigma 11.0 to 5.1, and 0.23, 0.04) and the first 3 of dpmpp_2m's 10 (14.6 to 5.1).
+GUIDANCE_INTERVAL = (0.3, 5.0)
+RECIPES = {  # whole images as users ask for them: the request fields besides the prompt and the photo
+    "ddim 20": {"sampler": "ddim", "ddim_steps": 20},
+    "ddim 20, guidance interval": {"sampler": "ddim", "ddim_steps": 20, "guidance_interval": GUIDANCE_INTERVAL},
+    "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10},
+    "dpmpp_2m 10, guidance interval": {"sampler": "dpmpp_2m", "ddim_steps": 10, "guidance_interval": GUIDANCE_INTERVAL},
+}
+
+
+def recipe_base(name: str) -> str:
+    """The recipe a variant ("ddim 20, guidance interval") changes one option of ("ddim 20")."""
+    return name.split(",")[0]
+
+
+def time_recipe(pipe: ControlNetCannyPipeline, shape: Shape, fields: dict) -> dict[str, float]:
+    """Seconds of one whole request (canny, text encoding with the cache cleared, sampling, decoding) and of
+    its phases as the service reports them."""
+    params = GenerationParams(prompt="a house", image_resolution=shape.resolution, seed=0, **fields)
+    pipe._text_cache.clear()
+    start = time.perf_counter()
+    (result,) = pipe.generate([pipe.prepare(photo(shape.aspect), params)])
+    return {"whole": time.perf_counter() - start, **result.seconds}
+
+
+def preview_seconds(pipe: ControlNetCannyPipeline, shape: Shape) -> float:
+    """Median seconds of one live preview of a one-sample request at `shape`, as the handler makes it: the data
+    prediction taken at the step, the latent-to-RGB image, the JPEG."""
+    from serving import encode_preview
+
+    sampling = pipe.start(pipe.prepare(photo(shape.aspect), GenerationParams(
+        prompt="a house", image_resolution=shape.resolution, seed=0, ddim_steps=20)), preview_every=1)
+    eps = torch.randn_like(sampling.state.x)
+    runs = []
+    for _ in range(20):
+        start = time.perf_counter()
+        sampling.preview_latents = samplers.denoised(sampling.plan, sampling.state, eps)
+        encode_preview(pipe.preview(sampling))
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def tiny_latent_differences() -> dict[str, float]:
+    """Per recipe variant, the mean abs difference of the tiny model's final latents (64x64, seed 1) from its
+    base recipe's: how far the option moves the result (evidence of an effect, not a quality measure)."""
+    import cv2
+
+    image = cv2.cvtColor(cv2.imread(str(ROOT / "tests" / "data" / "house.png")), cv2.COLOR_BGR2RGB)
+    pipe = ControlNetCannyPipeline.load([TINY_CHECKPOINT], TINY_CONFIG, "cpu", "fp32")
+
+    def latents(fields: dict) -> torch.Tensor:
+        sampling = pipe.start(pipe.prepare(image, GenerationParams(prompt="a house", image_resolution=64, seed=1,
+                                                                   **fields)))
+        while not sampling.finished:
+            pipe.step([sampling])
+        return samplers.result(sampling.plan, sampling.state)
+
+    return {name: float((latents(fields) - latents(RECIPES[recipe_base(name)])).abs().mean())
+            for name, fields in RECIPES.items() if recipe_base(name) != name}
+
+
+def recipes(args: argparse.Namespace) -> None:
+    """Whole images of each recipe, every shape and precision, ours alone (one process, one after another)."""
+    shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
+    print(machine_header(args.device))
+    print("| recipe | shape (HxW) | dtype | s/image | text s | sampling s | decoding s | vs its base |")
+    print("|---|---|---|---|---|---|---|---|")
+    for precision in args.precisions:
+        pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision)
+        log(f"{precision}: backend {backend_summary(pipe)}")
+        for shape in shapes:
+            measured = {}
+            for name, fields in RECIPES.items():
+                measured[name] = time_recipe(pipe, shape, fields)
+                whole = measured[name]["whole"]
+                print(f"| {name} | {shape.label} | {precision} | {whole:.1f} | {measured[name]['text']:.2f} | "
+                      f"{measured[name]['sampling']:.1f} | {measured[name]['decoding']:.2f} | "
+                      f"{ratio(measured[recipe_base(name)]['whole'], whole)} |", flush=True)
+            preview = preview_seconds(pipe, shape)
+            step = measured["ddim 20"]["sampling"] / 20
+            print(f"\nlive preview at {shape.label} {precision}: {preview * 1000:.1f} ms = {100 * preview / step:.2f}% "
+                  f"of a ddim step ({step:.2f} s)\n", flush=True)
+        del pipe
+        gc.collect()
+    print("tiny model, 64x64: mean abs difference of the final latents from the base recipe's:")
+    for name, difference in tiny_latent_differences().items():
+        print(f"  {name}: {difference:.4f}")
+
+
 def drift(device: torch.device) -> dict[str, tuple[float, float]]:
     """Max and mean abs difference (uint8 levels) between the tiny model's images on CPU in fp32 and in each
     other precision the device runs (on a GPU fp32 too), per setting."""
@@ -537,6 +631,8 @@ def parse_args() -> argparse.Namespace:
                         help="default: fp32 bf16 on cpu, fp16 bf16 on cuda")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement (median of all but the first)")
     parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step requests of ours")
+    parser.add_argument("--recipes", action="store_true", help="only time whole images of each of RECIPES (ours), "
+                        "with the cost of a live preview and the tiny model's latent difference of each option")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--no-plain", action="store_true", help="skip ours with every backend lever off "
                         "(prepack none, winograd none, torch attention)")
@@ -587,6 +683,9 @@ def main() -> None:
     if args.checkpoint == SYNTHETIC_CHECKPOINT and not SYNTHETIC_CHECKPOINT.exists():
         log(f"writing the synthetic checkpoint {SYNTHETIC_CHECKPOINT} (once) ...")
         write_synthetic_checkpoint(SYNTHETIC_CHECKPOINT)
+    if args.recipes:
+        recipes(args)
+        return
 
     device, cfg = args.device, load_config(args.config)
     shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]

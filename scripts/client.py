@@ -4,7 +4,8 @@
   client.py ping                                            exit 0 when TorchServe answers /ping Healthy
   client.py ready                                           exit 0 when the model has a worker READY
   client.py generate --image in.png --prompt "a house" --out result/
-      streams progress (a bar per DDIM step) and saves sample_00.png..., edge_map.png, params.json
+      streams progress (a bar per DDIM step) and saves sample_00.png..., edge_map.png, params.json;
+      --preview-every N also saves the live previews as previews/step_NN.jpg while they arrive
   client.py sweep --image in.png --out dataset/ --prompt "a house" "a barn" --seed 0:9:1 --strength 0.5:1.5:0.5
       runs the grid (every combination) with bounded concurrency, writes the images and manifest.jsonl
       (one row per image: every parameter, its own seed and control_fidelity); run it again to resume:
@@ -47,6 +48,7 @@ GRID_AXES = {  # option -> (request field, value type)
     "control_mode": ("control_mode", str),
     "resize_mode": ("resize_mode", str),
     "denoising_strength": ("denoising_strength", float),
+    "guidance_interval": ("guidance_interval", str),
 }
 IMAGE_OPTIONS = ("image", "control_image", "init_image")  # the request's file fields
 MANIFEST = "manifest.jsonl"
@@ -119,6 +121,9 @@ def generate(client: Client, args: argparse.Namespace) -> None:
     fields = {**parse_params(args.param), "prompt": args.prompt, "stream": True, "request_id": request_id}
     if args.edges:
         fields["mode"] = "edges"
+    if args.preview_every:
+        fields["preview_every"] = args.preview_every
+    previews = args.out / "previews"
     result = None
 
     def interrupted() -> None:
@@ -138,6 +143,11 @@ def generate(client: Client, args: argparse.Namespace) -> None:
                 if event["event"] == "progress":
                     bar.total = event["steps"]
                     bar.update(event["step"] - bar.n)
+                    if "preview" in event:
+                        previews.mkdir(parents=True, exist_ok=True)
+                        frame = previews / f"step_{event['step']:02d}.jpg"
+                        frame.write_bytes(base64.b64decode(event["preview"]))
+                        bar.set_postfix_str(f"preview {frame}")
                 elif event["event"] == "error":
                     sys.exit(f"error: {event['error']}")
                 else:
@@ -148,6 +158,8 @@ def generate(client: Client, args: argparse.Namespace) -> None:
         sys.exit("error: the stream ended without a result")
     for path in save_result(result, args.out):
         print(path)
+    if previews.is_dir():
+        print(f"previews: {previews}/ ({len(list(previews.glob('step_*.jpg')))} frames)")
     print(f"seeds: {result['parameters']['seeds']}")
     for warning in result["parameters"].get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
@@ -347,6 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     one.add_argument("--prompt", required=True)
     one.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     one.add_argument("--edges", action="store_true", help="the edge map only (no diffusion)")
+    one.add_argument("--preview-every", type=int, default=0, metavar="N",
+                     help="a preview every N steps, written to OUT/previews/step_NN.jpg as it arrives")
     one.add_argument("--out", type=Path, default=Path("result"))
 
     many = commands.add_parser("sweep", help="a parameter grid, resumable")

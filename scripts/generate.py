@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.add_argument(flag, required=True)
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], default=getattr(defaults, f.name))
+        elif f.name == "guidance_interval":
+            parser.add_argument(flag, metavar="LOW,HIGH", help="guidance only at steps whose sigma is in (LOW, HIGH]")
         else:
             parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=getattr(defaults, f.name))
     return parser.parse_args(argv)

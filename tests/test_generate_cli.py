@@ -129,13 +129,15 @@ def test_controls_and_own_control_map(tmp_path, tiny_checkpoint, house_image):
     long_prompt = " ".join(["house"] * 90)
     result = _run(["--checkpoint", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--control-image", str(control),
                    "--init-image", str(init), "--denoising-strength", "0.5", "--sampler", "unipc", "--karras",
-                   "--control-mode", "prompt", "--guidance-end", "0.5", "--ddim-steps", "4", "--prompt", long_prompt,
+                   "--control-mode", "prompt", "--guidance-end", "0.5", "--guidance-interval", "0.5,6",
+                   "--ddim-steps", "4", "--prompt", long_prompt,
                    "--image-resolution", "64", "--seed", "3", "--device", "cpu", "--out", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: prompt: " in result.stderr  # truncated at 75 tokens, said so
     bundle = zipfile.ZipFile(out)
     params = yaml.safe_load(bundle.read("params.yaml"))
     assert params["sampler"] == "unipc" and params["karras"] is True and params["control_mode"] == "prompt"
+    assert params["guidance_interval"] == [0.5, 6.0]
     assert params["ddim_steps_visited"] == 2 and len(params["control_fidelity"]) == 1
     assert len(params["warnings"]) == 1 and len(params["init_image"]) == len(params["control_image"]) == 64
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(bundle.read("edge_map.png"), np.uint8),

@@ -43,6 +43,7 @@ def test_defaults_are_the_reference_demos():
         "height": 0,
         "denoising_strength": 0.75,
         "long_prompt": False,
+        "guidance_interval": None,
     }
 
 

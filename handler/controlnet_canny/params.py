@@ -54,6 +54,8 @@ class GenerationParams:
     height: int = 0
     denoising_strength: float = 0.75
     long_prompt: bool = False
+    # (low, high] in sigma: the unconditional pass runs only at steps whose sigma lies inside; None: at every step
+    guidance_interval: tuple[float, float] | None = None
 
     @property
     def effective_control_mode(self) -> str:
@@ -65,7 +67,10 @@ class GenerationParams:
         return self if self.seed != -1 else replace(self, seed=secrets.randbelow(MAX_SEED + 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if self.guidance_interval is not None:  # a list: YAML's safe dumper and JSON write no tuples alike
+            values["guidance_interval"] = list(self.guidance_interval)
+        return values
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def _as_int(field: str, value: Any) -> int:
+def as_int(field: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ParamError(field, f"must be an integer, got a boolean")
     if isinstance(value, int):
@@ -134,6 +139,19 @@ def _as_float(field: str, value: Any) -> float:
     if not math.isfinite(number):
         raise ParamError(field, f"must be a finite number, got {value!r:.40}")
     return number
+
+
+def _as_interval(field: str, value: Any) -> tuple[float, float] | None:
+    """A JSON list [low, high] or the text "low,high" (null or "none": no interval): 0 <= low < high, finite."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    bounds = value.split(",") if isinstance(value, str) else value
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+        raise ParamError(field, f"must be two numbers low,high (a JSON list or the text \"low,high\"), got {value!r:.40}")
+    low, high = (_as_float(field, bound) for bound in bounds)
+    if not 0 <= low < high:
+        raise ParamError(field, f"must have 0 <= low < high, got low {low}, high {high}")
+    return low, high
 
 
 def as_bool(field: str, value: Any) -> bool:
@@ -177,7 +195,10 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
                 raise ParamError(name, f"must be one of {', '.join(CHOICES[name])}, got {str(value)[:40]!r}")
             values[name] = value
             continue
-        parsed = {"int": _as_int, "float": _as_float, "bool": as_bool}[kind](name, value)
+        if name == "guidance_interval":
+            values[name] = _as_interval(name, value)
+            continue
+        parsed = {"int": as_int, "float": _as_float, "bool": as_bool}[kind](name, value)
         if kind != "bool":
             low, high = getattr(limits, "image_resolution" if name in _SIZE_FIELDS else name)
             if name in _SIZE_FIELDS and parsed == 0:

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .ddim import StepCallback
 from .fidelity import control_fidelity
 from .params import GenerationParams, ParamError
 from .preprocess import MAX_ASPECT, canny, fit, fitted_edges, output_size, resize_image
+from .previews import latent_rgb, preview_grid
 from .text_encoder import is_truncated, match_lengths, token_count
 from .unet import widen
 from .vae import VAEEncoder, load_encoder, to_unit_range
@@ -104,18 +105,16 @@ class Conditioning:
     scales: torch.Tensor  # (samples, 13) ControlNet residual scales
     guidance: torch.Tensor  # (samples, 1, 1, 1) float32 guidance scale
     control_mode: str  # balanced | prompt | control (effective_control_mode)
-    conditional_only: bool  # scale 1: the unconditional half adds nothing and is not computed
 
     @staticmethod
     def rows(parts: Sequence[Conditioning]) -> Conditioning:
-        """The conditioning of requests evaluated together (equal control_mode and conditional_only), in order; a
-        request evaluated alone keeps its own tensors (no copy per step)."""
+        """The conditioning of requests evaluated together (equal control_mode), in order; a request evaluated
+        alone keeps its own tensors (no copy per step)."""
         if len(parts) == 1:
             return parts[0]
-        first = parts[0]
         return Conditioning(*(torch.cat([getattr(p, name) for p in parts])
                               for name in ("cond", "uncond", "hint_features", "scales", "guidance")),
-                            first.control_mode, first.conditional_only)
+                            parts[0].control_mode)
 
 
 @dataclass
@@ -128,8 +127,11 @@ class Sampling:
     noise: torch.Tensor  # on the device: (1 + plan.noise_draws, samples, C, h, w), x_T first
     conditioning: Conditioning
     control_steps: list[bool]  # per step: whether the ControlNet acts (guidance_start / guidance_end)
+    guided_steps: list[bool]  # per step: whether the unconditional half runs (scale != 1, guidance_interval)
     seconds: dict[str, float]
     started: float  # perf_counter at the start of sampling
+    preview_every: int = 0  # keep the data prediction of every n-th step for `ControlNetCannyPipeline.preview`
+    preview_latents: torch.Tensor | None = None  # that prediction, until a preview takes it
     done: int = 0
 
     @property
@@ -148,15 +150,35 @@ class Sampling:
     def forward_key(self) -> tuple:
         """Requests with equal keys share the next model evaluation whatever their step, sampler, seeds, scales or
         prompts: each row has its own x, t and conditioning."""
-        c = self.conditioning
-        return (tuple(self.noise.shape[-2:]), c.cond.shape[1], c.conditional_only,
-                c.control_mode == "control" and not c.conditional_only, self.control_steps[self.done])
+        c, guided = self.conditioning, self.guided_steps[self.done]
+        return (tuple(self.noise.shape[-2:]), c.cond.shape[1], guided, c.control_mode == "control" and guided,
+                self.control_steps[self.done])
+
+    @property
+    def preview_due(self) -> bool:
+        """Whether the step about to run is one whose data prediction a preview shows (never the last step: the
+        result itself follows it)."""
+        step = self.done + 1
+        return self.preview_every > 0 and step % self.preview_every == 0 and step < self.total
 
 
 def _hint_planes(control_map: np.ndarray) -> np.ndarray:
     """(1, 3, H, W) uint8: a grey map repeated on the three channels the hint encoder takes."""
     planes = control_map[None] if control_map.ndim == 2 else control_map.transpose(2, 0, 1)
     return np.ascontiguousarray(np.broadcast_to(planes, (3, *control_map.shape[:2]))[None])
+
+
+def guided_steps(sigmas: torch.Tensor, scale: float, interval: tuple[float, float] | None) -> list[bool]:
+    """Per step (of the noise levels `sigmas` the steps start from): whether classifier-free guidance runs both
+    halves. Not at scale 1, where the unconditional half adds nothing; with an interval (low, high], only where
+    low < sigma <= high (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval...": the
+    guidance weight inside the interval, 1 outside)."""
+    if scale == 1.0:
+        return [False] * len(sigmas)
+    if interval is None:
+        return [True] * len(sigmas)
+    low, high = interval
+    return [low < float(sigma) <= high for sigma in sigmas]
 
 
 def control_steps(total: int, start: float, end: float) -> list[bool]:
@@ -180,6 +202,8 @@ class ControlNetCannyPipeline:
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.checkpoints: list[Path] = []  # `load` sets them: img2img reads the VAE encoder from them when needed
         self._encoder: VAEEncoder | None = None
+        # latents -> (N, h, w, 3) uint8 for live previews; the latent-to-RGB approximation needs no weights
+        self.preview_decoder: Callable[[torch.Tensor], np.ndarray] = latent_rgb
         self.backend: Backend = select(device, dtype, backend_options)
         factor = config.latent_factor
         latent_sizes = [(h // factor, w // factor)
@@ -219,9 +243,9 @@ class ControlNetCannyPipeline:
                                     dtype=self.dtype)
         scales = torch.ones(1, 13, device=self.device, dtype=self.dtype)
         conditioning = Conditioning(context, context, hint_features, scales, torch.ones(1, 1, 1, 1, device=self.device),
-                                    "balanced", False)
+                                    "balanced")
         latents = torch.zeros(1, self.config.unet.in_channels, height, width, device=self.device)
-        self._guided_eps(latents, torch.ones(1, dtype=torch.long, device=self.device), conditioning, True)
+        self._guided_eps(latents, torch.ones(1, dtype=torch.long, device=self.device), conditioning, True, True)
 
     def prepare(self, image: np.ndarray | None, params: GenerationParams, control_image: np.ndarray | None = None,
                 init_image: np.ndarray | None = None) -> Prepared:
@@ -306,8 +330,9 @@ class ControlNetCannyPipeline:
         return self.finish(samplings)
 
     @torch.inference_mode()
-    def start(self, prepared: Prepared) -> Sampling:
-        """Text contexts, control features and every noise draw of one request, before its first step.
+    def start(self, prepared: Prepared, preview_every: int = 0) -> Sampling:
+        """Text contexts, control features and every noise draw of one request, before its first step;
+        `preview_every` n: every n-th step keeps what `preview` shows.
 
         Sample i of a request with seed s has its own CPU generator seeded s + i, which draws, in this order,
         img2img's latent sample, x_T, then each step's noise: a sample is the same alone or with others, on CPU
@@ -348,10 +373,10 @@ class ControlNetCannyPipeline:
         def rows(tensor: torch.Tensor) -> torch.Tensor:  # one row per sample, once, rather than per step
             return tensor.expand(p.num_samples, *tensor.shape[1:]).contiguous()
 
-        conditioning = Conditioning(rows(cond), rows(uncond), rows(hint_features), scales, guidance, mode,
-                                    p.scale == 1.0)
+        conditioning = Conditioning(rows(cond), rows(uncond), rows(hint_features), scales, guidance, mode)
         return Sampling(prepared, plan, samplers.start(plan, noise[0], init_latents), noise, conditioning,
-                        control_steps(plan.steps, p.guidance_start, p.guidance_end), seconds, started)
+                        control_steps(plan.steps, p.guidance_start, p.guidance_end),
+                        guided_steps(plan.sigmas[:-1], p.scale, p.guidance_interval), seconds, started, preview_every)
 
     @staticmethod
     def groups(samplings: Sequence[Sampling], max_samples: int | None = None) -> list[list[Sampling]]:
@@ -371,14 +396,16 @@ class ControlNetCannyPipeline:
         """One step of every request of `group` (equal forward_key, any step of any sampler): one batched, guided
         model evaluation with each row's own timestep, then each request's sampler step on its rows."""
         if len({s.forward_key for s in group}) != 1:
-            raise ValueError("requests evaluated together must share latent size, prompt length, scale == 1, "
-                             "control mode and whether the ControlNet acts at their step")
+            raise ValueError("requests evaluated together must share latent size, prompt length, control mode and "
+                             "whether guidance and the ControlNet run at their step")
         inputs = [samplers.model_input(s.plan, s.state) for s in group]
         counts = [s.samples for s in group]
         e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
                              Conditioning.rows([s.conditioning for s in group]),
-                             group[0].control_steps[group[0].done])
+                             group[0].control_steps[group[0].done], group[0].guided_steps[group[0].done])
         for sampling, request_eps in zip(group, e.split(counts)):
+            if sampling.preview_due:
+                sampling.preview_latents = samplers.denoised(sampling.plan, sampling.state, request_eps)
             noise = sampling.noise[1 + sampling.done] if sampling.plan.noise_draws else None
             sampling.state = samplers.step(sampling.plan, sampling.state, request_eps, noise)
             sampling.done += 1
@@ -424,8 +451,16 @@ class ControlNetCannyPipeline:
             self._encoder = load_encoder(self.config, self.checkpoints, self.device, self.dtype)
         return self._encoder
 
-    def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool) -> torch.Tensor:
-        """eps = e_uncond + scale (e_cond - e_uncond), both halves in one batched forward.
+    def preview(self, sampling: Sampling) -> np.ndarray | None:
+        """(H, W, 3) uint8: the samples' data prediction at the last step that kept one (`Sampling.preview_due`),
+        side by side, through `preview_decoder`; None when no step has kept one since the last call."""
+        latents, sampling.preview_latents = sampling.preview_latents, None
+        return None if latents is None else preview_grid(self.preview_decoder(latents))
+
+    def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool,
+                    guided: bool) -> torch.Tensor:
+        """eps = e_uncond + scale (e_cond - e_uncond), both halves in one batched forward; e_cond alone where the
+        step is not `guided` (scale 1, or outside guidance_interval).
 
         control_mode (sd-webui-controlnet's, README): balanced and prompt run the ControlNet on both halves;
         control (the reference's guess mode) on the conditional half only: the unconditional half's residuals
@@ -439,7 +474,7 @@ class ControlNetCannyPipeline:
             # a residual has one row per sample, or one per sample and guidance half (unet.widen): same scales
             return [r * widen(c.scales, r.shape[0])[:, i, None, None, None] for i, r in enumerate(residuals)]
 
-        if c.conditional_only:
+        if not guided:
             return unet(x, t, c.cond, scaled_control(c.cond) if with_control else None).float()
         context = torch.cat([c.cond, c.uncond])
         if not with_control:

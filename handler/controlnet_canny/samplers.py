@@ -199,6 +199,14 @@ def step(plan: Plan, state: State, eps: torch.Tensor, noise: torch.Tensor | None
     return _unipc_step(plan, state, eps)
 
 
+def denoised(plan: Plan, state: State, eps: torch.Tensor) -> torch.Tensor:
+    """The data prediction x0 that `eps` implies for the x this step starts from (what previews show): x0 = x -
+    sigma eps in euler_a's sigma space, (x - sigma_t eps) / alpha_t in the variance-preserving space of the others."""
+    if plan.sampler == "euler_a":
+        return state.x - plan.sigmas[state.index] * eps.float()
+    return _data_prediction(plan, state, eps.float())
+
+
 def done(plan: Plan, state: State) -> bool:
     return state.index == plan.steps
 
