@@ -215,6 +215,7 @@ class ControlNetHandler:
             self.evaluating = evaluating
         answers = {}
         for group in groups:
+            guidance = "full" if group[0].guided_steps[group[0].done] else "conditional"
             try:
                 self.pipeline.step(group)
             except Exception:  # one failing evaluation must not fail the other groups
@@ -226,7 +227,7 @@ class ControlNetHandler:
                     answers[request_id] = serving.error_response(500, "generation failed; the model log has the details",
                                                                   None)
             else:
-                _count(context.metrics, "ControlNetDenoisingSteps", 1)
+                _count(context.metrics, "ControlNetDenoisingSteps", 1, Guidance=guidance)
         self.pipeline.backend.synchronize()  # a progress event means that step has run, not that it was queued
         done = [r for r, h in self.held.items() if h.sampling.finished]
         if not done:

@@ -6,16 +6,21 @@ alone outside, stepped by the reference's DDIM (`ddim.sample_ddim`) and by diffu
 """
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 
 import pytest
 import torch
+import yaml
 
 from controlnet_canny import ddim, samplers
 from controlnet_canny.params import GenerationParams, ParamError, parse_params
 from controlnet_canny.pipeline import guided_steps
 
+from live_server import wait_until
 from test_samplers import sd15_scheduler
+from test_server import scrape
 
 STEPS = 8
 SCALE = 7.5
@@ -150,3 +155,20 @@ def test_parse_refuses(value):
 def test_reported_as_a_list():
     params = parse_params({"prompt": "p", "guidance_interval": "0.5,6"})
     assert params.to_dict()["guidance_interval"] == [0.5, 6.0]
+
+
+@pytest.mark.server
+def test_served_reported_and_counted(server):
+    def conditional_steps() -> float:
+        return sum(value for labels, value in scrape(server).get("ControlNetDenoisingSteps", [])
+                   if labels.get("Guidance") == "conditional")
+
+    before = conditional_steps()
+    # the tiny server's 4 DDIM steps start at sigma 4.12, 1.62, 0.70, 0.04: two of them inside (0.5, 2]
+    response = server.predict({"guidance_interval": "0.5,2", "seed": 4})
+    assert response.status_code == 200, response.text
+    params = yaml.safe_load(zipfile.ZipFile(io.BytesIO(response.content)).read("params.yaml"))
+    assert params["guidance_interval"] == [0.5, 2.0]
+    wait_until(lambda: conditional_steps() - before >= 2, 15, "two conditional-only evaluations on /metrics")
+    refused = server.predict({"guidance_interval": "2,0.5"})
+    assert refused.status_code == 400 and refused.json()["field"] == "guidance_interval"
