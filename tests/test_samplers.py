@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
-    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UniPCMultistepScheduler,
+    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler,
 )
 
 from controlnet_canny import ddim, samplers  # noqa: E402
@@ -28,7 +28,7 @@ SD15_SCHEDULER_CONFIG = {
 }
 DIFFUSERS = {
     "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-    "unipc": UniPCMultistepScheduler,
+    "unipc": UniPCMultistepScheduler, "lcm": LCMScheduler,
 }
 
 
@@ -79,7 +79,7 @@ def run_ours(plan, eps, gens, init_latents=None) -> tuple[list[torch.Tensor], li
         x, t = samplers.model_input(plan, state)
         assert t.shape == (len(x),) and (t == plan.timesteps[state.index]).all()
         inputs.append(x)
-        state = samplers.step(plan, state, eps(x, t), draw(gens) if plan.noise_draws else None)
+        state = samplers.step(plan, state, eps(x, t), draw(gens) if samplers.takes_noise(plan, state) else None)
         latents.append(state.x)
     assert len(latents) == plan.steps and torch.equal(samplers.result(plan, state), latents[-1])
     return inputs, latents
@@ -102,7 +102,7 @@ def run_diffusers(scheduler, steps, strength, eps, gens, init_latents=None, eta=
         model_input = scheduler.scale_model_input(x, t)
         inputs.append(model_input)
         e = eps(model_input, t.repeat(len(x)))
-        if isinstance(scheduler, EulerAncestralDiscreteScheduler):
+        if isinstance(scheduler, (EulerAncestralDiscreteScheduler, LCMScheduler)):
             x = scheduler.step(e, t, x, generator=gens).prev_sample
         elif isinstance(scheduler, DDIMScheduler):
             x = scheduler.step(e, t, x, eta=eta, variance_noise=draw(gens) if eta else None).prev_sample
@@ -114,6 +114,7 @@ def run_diffusers(scheduler, steps, strength, eps, gens, init_latents=None, eta=
 
 CASES = [
     ("ddim", False), ("dpmpp_2m", False), ("dpmpp_2m", True), ("euler_a", False), ("unipc", False), ("unipc", True),
+    ("lcm", False),
 ]
 
 
@@ -135,6 +136,24 @@ def test_step_for_step_as_diffusers(tiny_eps, sampler, karras, steps, strength):
         assert (x - y).abs().max() <= TOL, f"model input of step {k}"
     for k, (x, y) in enumerate(zip(ours, theirs)):
         assert (x - y).abs().max() <= TOL, f"latents after step {k} (t={timesteps[k]})"
+
+
+@pytest.mark.parametrize("steps,strength", [(1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0), (50, 1.0), (4, 0.5), (50, 0.3)])
+def test_lcm_as_diffusers_at_its_step_counts(tiny_eps, steps, strength):
+    """LCM's few-step recipes and its longest schedule (original_inference_steps): each step's noise drawn from the
+    sample's own generator after x_T (diffusers draws it in its step, ours up front; none at the last step), and
+    the result LCMScheduler's `denoised` at the last step, which diffusers' pipelines return as the latents."""
+    scheduler = sd15_scheduler("lcm")
+    plan = samplers.plan("lcm", steps, scheduler.alphas_cumprod, denoising_strength=strength)
+    init = None if strength == 1.0 else torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * 3
+    timesteps, _, theirs = run_diffusers(scheduler, steps, strength, tiny_eps, generators([5, 6]), init)
+    _, ours = run_ours(plan, tiny_eps, generators([5, 6]), init)
+
+    assert torch.equal(plan.timesteps, timesteps) and plan.noise_draws == len(timesteps) - 1
+    assert theirs[-1].abs().max() > 1
+    differences = [(x - y).abs().max().item() for x, y in zip(ours, theirs)]
+    print(f"lcm {steps} steps, strength {strength}: max latent difference {max(differences):.2e}")
+    assert max(differences) <= TOL, differences
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
@@ -186,7 +205,7 @@ def test_ddim_mixed_eta_batch_bit_identical_to_sample_ddim():
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0), ("euler_a", 0.0),
-                                         ("unipc", 0.0)])
+                                         ("unipc", 0.0), ("lcm", 0.0)])
 def test_batch_equals_each_sample_alone(sampler, eta):
     """Per-sample generators: sample i of a batch is the sample run alone with seed s + i, ancestral noise too."""
     plan = samplers.plan(sampler, 8, ddim.alphas_cumprod(0.00085, 0.012, 1000), eta=eta)
@@ -220,6 +239,10 @@ def test_noise_draws():
     assert samplers.plan("euler_a", 20, alphas_cumprod, denoising_strength=0.25).noise_draws == 5
     assert samplers.plan("dpmpp_2m", 20, alphas_cumprod, karras=True).noise_draws == 0
     assert samplers.plan("unipc", 20, alphas_cumprod).noise_draws == 0
+    # lcm re-noises after every step but the last, whose result is the denoised estimate itself
+    assert samplers.plan("lcm", 4, alphas_cumprod).noise_draws == 3
+    assert samplers.plan("lcm", 1, alphas_cumprod).noise_draws == 0
+    assert samplers.plan("lcm", 8, alphas_cumprod, denoising_strength=0.5).noise_draws == 3
 
 
 @pytest.mark.parametrize("arguments,field", [
@@ -233,6 +256,9 @@ def test_noise_draws():
     (dict(sampler="euler_a", karras=True), "karras"),
     (dict(sampler="dpmpp_2m", eta=0.5), "eta"),
     (dict(sampler="ddim", eta=-0.1), "eta"),
+    (dict(sampler="lcm", steps=51), "steps"),  # LCMScheduler: at most original_inference_steps (50)
+    (dict(sampler="lcm", karras=True), "karras"),
+    (dict(sampler="lcm", eta=0.5), "eta"),
     (dict(denoising_strength=0.0), "denoising_strength"),
     (dict(denoising_strength=1.5), "denoising_strength"),
     (dict(steps=4, denoising_strength=0.2), "denoising_strength"),  # int(4 * 0.2) = 0 steps
@@ -246,7 +272,7 @@ def test_plan_rejects(arguments, field):
 
 @pytest.mark.parametrize("sampler,karras,steps", [
     ("ddim", False, 1000), ("dpmpp_2m", False, 999), ("dpmpp_2m", True, 999), ("euler_a", False, 1000),
-    ("unipc", False, 999), ("unipc", True, 999),
+    ("unipc", False, 999), ("unipc", True, 999), ("lcm", False, 50),
 ])
 def test_longest_plans_stay_finite(sampler, karras, steps):
     plan = samplers.plan(sampler, steps, ddim.alphas_cumprod(0.00085, 0.012, 1000), karras=karras)
@@ -269,3 +295,7 @@ def test_misuse_is_an_error():
         samplers.step(plan, state, x, x)
     with pytest.raises(ValueError, match="^noise"):
         samplers.step(samplers.plan("ddim", 10, alphas_cumprod), state, x, x)
+    plan = samplers.plan("lcm", 2, alphas_cumprod)
+    state = samplers.step(plan, samplers.start(plan, x), x, x)
+    with pytest.raises(ValueError, match="^noise.*no noise tensor at step 1"):  # lcm's last step takes none
+        samplers.step(plan, state, x, x)

@@ -406,7 +406,7 @@ class ControlNetCannyPipeline:
         for sampling, request_eps in zip(group, e.split(counts)):
             if sampling.preview_due:
                 sampling.preview_latents = samplers.denoised(sampling.plan, sampling.state, request_eps)
-            noise = sampling.noise[1 + sampling.done] if sampling.plan.noise_draws else None
+            noise = sampling.noise[1 + sampling.done] if samplers.takes_noise(sampling.plan, sampling.state) else None
             sampling.state = samplers.step(sampling.plan, sampling.state, request_eps, noise)
             sampling.done += 1
 

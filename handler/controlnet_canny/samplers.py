@@ -7,11 +7,12 @@ with its own sampler state:
     state = start(p, noise)                       # x_T, or an init image noised to p's first timestep
     while not done(p, state):
         x, t = model_input(p, state)
-        state = step(p, state, eps_model(x, t), next_noise() if p.noise_draws else None)
+        state = step(p, state, eps_model(x, t), next_noise() if takes_noise(p, state) else None)
     latents = result(p, state)
 
 Noise is drawn in a fixed order per sample: x_T (or the img2img noise) first, then `noise_draws` more, one per
-step, so the caller can draw all of it up front from per-sample generators.
+step that takes noise (the first `noise_draws` steps: every step, or every step but the last for lcm), so the
+caller can draw all of it up front from per-sample generators.
 
 Samplers and the references they match step for step (to rounding, fp32) for SD 1.5's schedule:
 - ddim: the reference's DDIM (Song et al. 2021, eq. 12 and 16), as `ddim.sample_ddim`, bit for bit.
@@ -19,6 +20,10 @@ Samplers and the references they match step for step (to rounding, fp32) for SD 
 - euler_a: ancestral Euler, as k-diffusion's sample_euler_ancestral and diffusers' EulerAncestralDiscreteScheduler.
 - unipc: UniPC-2 with B(h) = e^h - 1 and the UniC corrector (Zhao et al. 2023), as diffusers'
   UniPCMultistepScheduler.
+- lcm: multistep latent consistency sampling (Luo et al. 2023, "Latent Consistency Models"), as diffusers'
+  LCMScheduler with its defaults (original_inference_steps 50, timestep_scaling 10, prediction_type "epsilon");
+  its timesteps are LCM's own, which steps_offset and timestep_spacing do not change; set_alpha_to_one would
+  only matter below timestep 0, which LCM never reaches. Its last step's result is LCM's `denoised`.
 The diffusers schedulers are configured as SD 1.5's scheduler config: beta_schedule "scaled_linear", beta_start
 0.00085, beta_end 0.012, num_train_timesteps 1000, steps_offset 1, everything else the class default (so
 timestep_spacing "linspace", prediction_type "epsilon", solver_order 2, final_sigmas_type "zero",
@@ -26,7 +31,9 @@ lower_order_final True; dpmpp_2m: algorithm_type "dpmsolver++", solver_type "mid
 True, solver_type "bh2", no disabled corrector steps); `karras=True` is their use_karras_sigmas=True.
 img2img follows diffusers' img2img pipelines: of S steps the last min(int(S * strength), S) are run, from the
 init latents noised (the scheduler's add_noise) to the first of them. For DDIM, S is the number of the
-reference's timesteps (31 for 30 steps; `ddim.ddim_timesteps`).
+reference's timesteps (31 for 30 steps; `ddim.ddim_timesteps`). For lcm too: StableDiffusionControlNetImg2ImgPipeline
+takes the last steps of LCMScheduler's whole schedule (not LatentConsistencyModelImg2ImgPipeline's
+set_timesteps(strength=...), a schedule of S steps below the strength's timestep, which has no ControlNet).
 
 The scheduler coefficients are computed in float32 the way diffusers computes them, so that the same eps gives
 the same latents to a few ulp; the reference's DDIM keeps its float64-derived ones.
@@ -40,9 +47,16 @@ import torch
 
 from .ddim import ddim_timesteps
 
-SAMPLERS = ("ddim", "dpmpp_2m", "euler_a", "unipc")
+SAMPLERS = ("ddim", "dpmpp_2m", "euler_a", "unipc", "lcm")
 KARRAS_SAMPLERS = ("dpmpp_2m", "unipc")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: the paper's choice
+# LCM (Luo et al. 2023) as diffusers' LCMScheduler defaults: the distillation schedule of 50 evenly spaced
+# timesteps (skipping step k = 1000 / 50) that its steps are chosen from, hence at most 50 steps; and the
+# boundary conditions' sigma_data of consistency models (Song et al. 2023), taken at timesteps scaled by 10
+# (LCM's t / 0.1).
+LCM_ORIGINAL_STEPS = 50
+LCM_TIMESTEP_SCALING = 10.0
+LCM_SIGMA_DATA = 0.5
 
 
 @dataclass(frozen=True)
@@ -91,8 +105,10 @@ def plan(
     train_timesteps = len(alphas_cumprod)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-    # The multistep samplers' rounded "linspace" timesteps repeat beyond train_timesteps - 1 steps (h = 0).
-    max_steps = train_timesteps - 1 if sampler in ("dpmpp_2m", "unipc") else train_timesteps
+    # The multistep samplers' rounded "linspace" timesteps repeat beyond train_timesteps - 1 steps (h = 0); LCM's
+    # are a subset of its distillation schedule (LCMScheduler refuses more steps than it has).
+    max_steps = {"dpmpp_2m": train_timesteps - 1, "unipc": train_timesteps - 1,
+                 "lcm": LCM_ORIGINAL_STEPS}.get(sampler, train_timesteps)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps:
         raise ValueError(f"steps must be an integer in [1, {max_steps}] for {sampler}, got {steps!r}")
     if karras and sampler not in KARRAS_SAMPLERS:
@@ -109,6 +125,10 @@ def plan(
         timesteps = torch.tensor(ddim_timesteps(steps, train_timesteps)[::-1])
         levels = torch.cat([alphas_cumprod[timesteps], alphas_cumprod[:1]])
         schedule_alphas, schedule_sigmas = levels, ((1 - levels) / levels).sqrt()
+    elif sampler == "lcm":
+        timesteps = _lcm_timesteps(steps, train_timesteps)
+        levels = torch.cat([alphas_cumprod[timesteps], torch.ones(1)])  # the last step ends at x_0: sigma 0
+        schedule_alphas, schedule_sigmas = levels, ((1 - levels) / levels).sqrt()
     else:
         timesteps, schedule_sigmas = _sigma_schedule(sampler, steps, alphas_cumprod, karras)
         schedule_alphas = 1 / (1 + schedule_sigmas**2)
@@ -121,7 +141,7 @@ def plan(
             f"denoising_strength {denoising_strength} keeps no step of {total}; it must be at least {1 / total:.3g}"
         )
     first = total - kept
-    noise_draws = {"ddim": kept if eta > 0 else 0, "euler_a": kept}.get(sampler, 0)
+    noise_draws = {"ddim": kept if eta > 0 else 0, "euler_a": kept, "lcm": kept - 1}.get(sampler, 0)
     return Plan(
         sampler, timesteps[first:], schedule_alphas[first:], schedule_sigmas[first:], eta, denoising_strength,
         noise_draws,
@@ -151,6 +171,16 @@ def _sigma_schedule(sampler: str, steps: int, alphas_cumprod: torch.Tensor, karr
     return timesteps, torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
 
 
+def _lcm_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
+    """LCMScheduler.set_timesteps: `steps` timesteps at evenly spaced (floored) positions of the distillation
+    schedule k - 1, 2k - 1, ..., LCM_ORIGINAL_STEPS k - 1 (k = train_timesteps // LCM_ORIGINAL_STEPS), from
+    its top down."""
+    k = train_timesteps // LCM_ORIGINAL_STEPS
+    distillation = torch.arange(LCM_ORIGINAL_STEPS, 0, -1) * k - 1
+    positions = np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, steps, endpoint=False)).astype(np.int64)
+    return distillation[torch.from_numpy(positions)]
+
+
 def start(plan: Plan, noise: torch.Tensor, init_latents: torch.Tensor | None = None) -> State:
     """x_T from standard-normal `noise`; or, for img2img, `init_latents` noised to the plan's first timestep
     (q(x_t | x_0): sqrt(a) x_0 + sqrt(1 - a) noise, which is x_0 + sigma noise in euler_a's sigma space)."""
@@ -161,7 +191,7 @@ def start(plan: Plan, noise: torch.Tensor, init_latents: torch.Tensor | None = N
         x = noise * plan.sigmas[0] if plan.sampler == "euler_a" else noise
         return State(0, x)
     init_latents = init_latents.float()
-    if plan.sampler == "ddim":
+    if plan.sampler in ("ddim", "lcm"):
         a = plan.alphas_cumprod[0]
         x = a**0.5 * init_latents + (1 - a) ** 0.5 * noise
     elif plan.sampler == "euler_a":
@@ -186,9 +216,9 @@ def step(plan: Plan, state: State, eps: torch.Tensor, noise: torch.Tensor | None
     """One step from `state` given the eps-model's output for `model_input(plan, state)`."""
     if done(plan, state):
         raise ValueError(f"the plan's {plan.steps} steps are done")
-    if (noise is None) != (plan.noise_draws == 0):
-        raise ValueError(f"noise: {plan.sampler} with eta {plan.eta} takes {'one' if plan.noise_draws else 'no'} "
-                         "noise tensor per step")
+    if (noise is None) == takes_noise(plan, state):
+        raise ValueError(f"noise: {plan.sampler} with eta {plan.eta} takes "
+                         f"{'one' if takes_noise(plan, state) else 'no'} noise tensor at step {state.index}")
     eps = eps.float()
     if plan.sampler == "ddim":
         return _ddim_step(plan, state, eps, noise)
@@ -196,6 +226,8 @@ def step(plan: Plan, state: State, eps: torch.Tensor, noise: torch.Tensor | None
         return _euler_ancestral_step(plan, state, eps, noise)
     if plan.sampler == "dpmpp_2m":
         return _dpmpp_2m_step(plan, state, eps)
+    if plan.sampler == "lcm":
+        return _lcm_step(plan, state, eps, noise)
     return _unipc_step(plan, state, eps)
 
 
@@ -205,6 +237,11 @@ def denoised(plan: Plan, state: State, eps: torch.Tensor) -> torch.Tensor:
     if plan.sampler == "euler_a":
         return state.x - plan.sigmas[state.index] * eps.float()
     return _data_prediction(plan, state, eps.float())
+
+
+def takes_noise(plan: Plan, state: State) -> bool:
+    """Whether the step from `state` consumes a noise tensor: the first `noise_draws` steps do."""
+    return state.index < plan.noise_draws
 
 
 def done(plan: Plan, state: State) -> bool:
@@ -246,6 +283,29 @@ def _euler_ancestral_step(plan: Plan, state: State, eps: torch.Tensor, noise: to
     derivative = (state.x - x0) / sigma
     x = state.x + derivative * (sigma_down - sigma)
     return State(state.index + 1, x + noise.float() * sigma_up)
+
+
+def _lcm_step(plan: Plan, state: State, eps: torch.Tensor, noise: torch.Tensor | None) -> State:
+    """Multistep latent consistency sampling (Luo et al. 2023, section 4: the consistency function parameterised
+    by the eps-model, and its multistep sampling), at timestep t with a_t this step's alphas_cumprod:
+        x0       = (x - sqrt(1 - a_t) e) / sqrt(a_t)
+        denoised = c_skip(t) x + c_out(t) x0,   c_skip = s^2 / (T^2 + s^2),  c_out = T / sqrt(T^2 + s^2),
+    the consistency-model parameterisation whose c_skip(0) = 1, c_out(0) = 0 enforce the boundary condition
+    f(x, 0) = x (Song et al. 2023, section 3), with s = sigma_data and T = t scaled by LCM_TIMESTEP_SCALING; then
+    fresh noise z takes the estimate to the next timestep's level, x_next = sqrt(a_next) denoised +
+    sqrt(1 - a_next) z. The last step returns `denoised` itself (no noise), as LCMScheduler does.
+    """
+    i = state.index
+    scaled_t = plan.timesteps[i] * LCM_TIMESTEP_SCALING  # float32, as diffusers computes it from a tensor timestep
+    c_skip = LCM_SIGMA_DATA**2 / (scaled_t**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled_t / (scaled_t**2 + LCM_SIGMA_DATA**2) ** 0.5
+    a_t = plan.alphas_cumprod[i]
+    x0 = (state.x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    denoised = c_out * x0 + c_skip * state.x
+    if noise is None:
+        return State(i + 1, denoised)
+    a_next = plan.alphas_cumprod[i + 1]
+    return State(i + 1, a_next.sqrt() * denoised + (1 - a_next).sqrt() * noise.float())
 
 
 def _alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
