@@ -283,3 +283,53 @@ def test_samplers_contract_used(tiny_pipeline, house_image, monkeypatch):
     tiny_pipeline.generate([prepared])
     (args, kwargs), = plans
     assert args[:2] == ("dpmpp_2m", 3) and kwargs["karras"] is True and kwargs["denoising_strength"] == 1.0
+
+
+@pytest.fixture
+def unet_rows(tiny_pipeline, monkeypatch) -> list[int]:
+    """The eps rows (samples x guidance halves) of every UNet evaluation: its output's, as the input x is shared by
+    both halves and widened inside."""
+    rows = []
+    unet = tiny_pipeline.model.model.diffusion_model
+    forward = unet.forward
+
+    def counting(*args, **kwargs):
+        eps = forward(*args, **kwargs)
+        rows.append(eps.shape[0])
+        return eps
+
+    monkeypatch.setattr(unet, "forward", counting)
+    return rows
+
+
+@pytest.mark.parametrize("scale, halves", [(1.0, 1), (1.5, 2)])
+def test_lcm_at_scale_1_evaluates_one_half(tiny_pipeline, house_image, unet_rows, scale, halves):
+    """LCM's recipe runs at guidance scale 1, where the unconditional half adds nothing: one pass per step."""
+    _run(tiny_pipeline, house_image, sampler="lcm", scale=scale, num_samples=2)
+    assert unet_rows == [2 * halves] * STEPS
+
+
+def test_lcm_noise_from_each_samples_generator(tiny_pipeline, house_image):
+    """lcm's draws, up front in the documented order: x_T, then one per step but the last (LCMScheduler returns the
+    last step's denoised estimate without noise); a sample is the same alone as in a batch."""
+    prepared = tiny_pipeline.prepare(house_image, _params(sampler="lcm", scale=1.0, num_samples=2, seed=40))
+    generators = [torch.Generator("cpu").manual_seed(s) for s in (40, 41)]
+    draws = [torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in generators]) for _ in range(STEPS)]
+    assert torch.equal(tiny_pipeline.start(prepared).noise, torch.stack(draws))
+    pair = tiny_pipeline.generate([prepared])[0].images
+    for i, image in enumerate(pair):
+        assert max_diff(image, _run(tiny_pipeline, house_image, sampler="lcm", scale=1.0, seed=40 + i)[0]) <= 1
+    assert clearly_differ(pair[0], pair[1])
+
+
+def test_lcm_steps_beyond_its_schedule_refused(tiny_pipeline, house_image):
+    """LCMScheduler takes at most original_inference_steps (50) steps."""
+    with pytest.raises(ParamError) as err:
+        tiny_pipeline.prepare(house_image, _params(sampler="lcm", ddim_steps=51))
+    assert err.value.field == "ddim_steps" and "[1, 50]" in err.value.message
+    assert tiny_pipeline.prepare(house_image, _params(sampler="lcm", ddim_steps=50)).params.ddim_steps == 50
+
+
+def test_lcm_ignores_eta_as_the_other_samplers(tiny_pipeline, house_image):
+    assert _run(tiny_pipeline, house_image, sampler="lcm", eta=1.0)[0].tobytes() == \
+        _run(tiny_pipeline, house_image, sampler="lcm")[0].tobytes()

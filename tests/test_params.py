@@ -284,3 +284,10 @@ def test_width_and_height():
         error = _error({"prompt": "p", field: 832, other: 512})
         assert error.field == field and "256" in error.message and "768" in error.message
         assert _error({"prompt": "p", field: 192, other: 512}).field == field
+
+
+def test_lcm_sampler():
+    params = parse_params({"prompt": "p", "sampler": "lcm", "ddim_steps": "4", "scale": "1"})
+    assert (params.sampler, params.ddim_steps, params.scale) == ("lcm", 4, 1.0)
+    error = _error({"prompt": "p", "sampler": "lcm", "karras": "true"})
+    assert error.field == "karras" and "lcm" in error.message
