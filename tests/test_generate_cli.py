@@ -149,3 +149,15 @@ def test_bad_control_value_reported(tmp_path, tiny_checkpoint, image_path):
                    "--prompt", "x", "--guidance-start", "0.8", "--guidance-end", "0.5", "--out", str(tmp_path / "r.zip")],
                   tmp_path)
     assert result.returncode != 0 and "guidance_end" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lcm_sampler(tmp_path, tiny_checkpoint, image_path):
+    common = ["--checkpoint", str(tiny_checkpoint), "--config", str(TINY_CONFIG), "--image", str(image_path),
+              "--prompt", "a house", "--image-resolution", "64", "--device", "cpu", "--sampler", "lcm", "--scale", "1"]
+    out = tmp_path / "r.zip"
+    result = _run([*common, "--ddim-steps", "4", "--seed", "5", "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    params = yaml.safe_load(zipfile.ZipFile(out).read("params.yaml"))
+    assert (params["sampler"], params["ddim_steps_visited"], params["scale"]) == ("lcm", 4, 1.0)
+    refused = _run([*common, "--ddim-steps", "51", "--out", str(tmp_path / "no.zip")], tmp_path)
+    assert refused.returncode != 0 and "ddim_steps" in refused.stderr and "Traceback" not in refused.stderr

@@ -280,6 +280,23 @@ def test_controls_through_torchserve(server):
     wait_until(lambda: fidelity_count() >= 2, 15, "ControlNetControlFidelity on /metrics")
 
 
+def test_lcm_through_torchserve(server):
+    """sampler=lcm at LCM's recipe (4 steps, scale 1) end to end: params.yaml says so; steps beyond LCM's
+    schedule (50) are a 400 naming ddim_steps."""
+    response = server.predict({"sampler": "lcm", "ddim_steps": 4, "scale": 1, "seed": 8})
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as bundle:
+        params = yaml.safe_load(bundle.read("params.yaml"))
+        assert png_pixels(bundle.read("sample_00.png")).shape == (64, 64, 3)
+    assert (params["sampler"], params["ddim_steps"], params["ddim_steps_visited"]) == ("lcm", 4, 4)
+    assert params["scale"] == 1.0 and params["karras"] is False and params["seeds"] == [8]
+
+    too_many = server.predict({"sampler": "lcm", "ddim_steps": 51})
+    assert too_many.status_code == 400 and too_many.json()["field"] == "ddim_steps", too_many.text
+    assert "50" in too_many.json()["error"]
+
+
 def test_long_prompt_warning_through_torchserve(server):
     prompt = " ".join(["house"] * 100)
     truncated = server.predict({"prompt": prompt, "output": "json", "seed": 1}).json()["parameters"]
