@@ -65,8 +65,8 @@ class Plan:
 
     `alphas_cumprod` and `sigmas` are the same noise levels in two forms, sigma = sqrt((1 - a) / a): one per
     step, for the x that step starts from, then one for the x it ends at. DDIM computes with a (the
-    reference's table, and alphas_cumprod[0] after the last step); the others with sigma (interpolated as
-    diffusers does, 0 after the last step).
+    reference's table, and alphas_cumprod[0] after the last step) and lcm with a too (1 after its last step,
+    whose result is x_0); the others with sigma (interpolated as diffusers does, 0 after the last step).
     """
     sampler: str
     timesteps: torch.Tensor  # (n,) what the eps-model sees per step, in visiting order; float for euler_a
