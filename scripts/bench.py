@@ -486,6 +486,7 @@ RECIPES = {  # whole images as users ask for them: the request fields besides th
     "ddim 20, guidance interval": {"sampler": "ddim", "ddim_steps": 20, "guidance_interval": GUIDANCE_INTERVAL},
     "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10},
     "dpmpp_2m 10, guidance interval": {"sampler": "dpmpp_2m", "ddim_steps": 10, "guidance_interval": GUIDANCE_INTERVAL},
+    "lcm 4 at scale 1": {"sampler": "lcm", "ddim_steps": 4, "scale": 1.0},  # the LCM-LoRA recipe's evaluations
 }
 
 
