@@ -179,6 +179,19 @@ def test_the_worker_takes_its_threads_from_controlnet_cpus_and_compiles_its_kern
         assert not any(failed in model_log for failed in ("did not compile", "did not load", "no C compiler"))
 
 
+def test_workers_scale_one_two_one_through_the_management_api_inside_the_image(container):
+    """As docs/serving.md has operators do it in a container or a pod, where there is no curl: scripts/client.py's
+    management commands. Each synchronous scale answers 200 (the client exits 1 on anything else), down as well as
+    up: TorchServe 0.12 stops a worker by running the program `kill`, which the image must have (procps)."""
+    client = [".venv/bin/python", "scripts/client.py"]
+    for workers in (2, 1):
+        scaled = container.exec(*client, "scale-workers", str(workers))
+        assert scaled.returncode == 0, scaled.stdout + scaled.stderr + container.logs()
+        described = container.exec(*client, "describe", check=True)
+        assert [w["status"] for w in json.loads(described.stdout)[0]["workers"]] == ["READY"] * workers
+        assert container.ready_workers() == workers  # the same seen from outside, over the published port
+
+
 def test_podman_stop_ends_it_gracefully_within_its_timeout(container):
     # last in this module: the container is gone afterwards
     stopped = podman("stop", container.name, timeout=STOP_TIMEOUT + 60)
