@@ -86,7 +86,7 @@ def container():
     ports = free_ports(3)
     command = ["run", "--detach", "--name", name, "--read-only", "--read-only-tmpfs=false",
                "--cap-drop=ALL", "--security-opt=no-new-privileges", f"--stop-timeout={STOP_TIMEOUT}",
-               "--env=CONTROLNET_CPUS=1",  # as k8s/deployment.yaml sets it from the CPU request
+               "--env=CONTROLNET_CPUS=1",  # as k8s/base/deployment.yaml sets it from the CPU request
                *vm_options(),
                *(f"--tmpfs={mount}" for mount in TMPFS),
                *(f"--publish=127.0.0.1:{host}:{inside}" for host, inside in zip(ports, (8080, 8081, 8082))),
