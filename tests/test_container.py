@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from live_server import HOUSE, free_ports, wait_until
+from live_server import HOUSE, free_ports, pipelined, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/controlnet-canny:0.1.0"  # scripts/build_image.sh's default tag, as podman names it
@@ -190,6 +190,15 @@ def test_workers_scale_one_two_one_through_the_management_api_inside_the_image(c
         described = container.exec(*client, "describe", check=True)
         assert [w["status"] for w in json.loads(described.stdout)[0]["workers"]] == ["READY"] * workers
         assert container.ready_workers() == workers  # the same seen from outside, over the published port
+
+
+def test_pipelined_requests_are_answered_in_order_through_the_edge(container):
+    """A slow generation and an edge map pipelined on one connection to the published port: the image's edge
+    (nginx, scripts/serve.sh) answers them in request order."""
+    generation, edge_map = pipelined(f"{container.inference}/predictions/controlnet", container.auth(), [
+        {"prompt": "a house", "ddim_steps": 40, "seed": 1, "output": "json"}, {"mode": "edges", "output": "png"}])
+    assert generation[0] == 200 and json.loads(generation[2])["parameters"]["seeds"] == [1], generation[:2]
+    assert edge_map[0] == 200 and edge_map[2].startswith(b"\x89PNG"), edge_map[:2]
 
 
 def test_podman_stop_ends_it_gracefully_within_its_timeout(container):
