@@ -43,7 +43,8 @@ RUN make mar \
 # when it loads the model (handler/controlnet_canny/backends/cpu_attention.c, cpu_winograd.c), procps because the
 # frontend stops a worker it scales down by running the program `kill -9 <pid>` (without it the management API
 # answers 500 to a scale-down; the frontend's other external commands are in docs/serving.md, "Container"), nginx
-# for the edge that scripts/serve.sh puts in front of the inference API (pipelined requests answered in order). The application,
+# for the edge that scripts/serve.sh puts in front of the inference API (pipelined requests answered in order).
+# The application,
 # its environment and the model directory belong to root: the server's user reads them and writes only to
 # TorchServe's working directory (keys, logs) and to /tmp.
 FROM ${BASE_IMAGE}

@@ -45,7 +45,7 @@ trap cleanup EXIT
 trap 'exit 1' INT TERM
 
 SERVER_VERSION=$(kubectl version -o json | sed -n '/"serverVersion"/,/}/s/.*"gitVersion": *"v\([^"]*\)".*/\1/p')
-[ -n "$SERVER_VERSION" ] || fail "kubectl version names no server: is the context ($(kubectl config current-context)) reachable?"
+[ -n "$SERVER_VERSION" ] || fail "no server version: is the context $(kubectl config current-context) reachable?"
 IFS=. read -r MAJOR MINOR _ <<< "$SERVER_VERSION"
 if [ "$MAJOR" -lt 1 ] || { [ "$MAJOR" = 1 ] && [ "${MINOR%%[!0-9]*}" -lt 23 ]; }; then
   fail "Kubernetes $SERVER_VERSION: the manifests need 1.23 or later (autoscaling/v2)"
@@ -62,7 +62,8 @@ k apply -f "$WORK/manifests.yaml"
 
 # The first Ready pod; its Ready time must not come before its worker loaded the model.
 ready_pod() {  # the name of a Ready pod, if any, and the time it turned Ready
-  k get pods -l "$SELECTOR" -o jsonpath='{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastTransitionTime}{"\n"}{end}' |
+  local ready='.status.conditions[?(@.type=="Ready")]'
+  k get pods -l "$SELECTOR" -o jsonpath="{range .items[*]}{.metadata.name} {$ready.status} {$ready.lastTransitionTime}{\"\\n\"}{end}" |
     awk '$2 == "True" { print $1, $3; exit }'
 }
 step "waiting up to $READY_TIMEOUT s for a Ready pod"
@@ -78,7 +79,9 @@ LOADED_LINE=$(k exec "$POD" -- grep -m1 "State change WORKER_STARTED -> WORKER_M
   /app/artifacts/serve/logs/ts_log.log) || fail "pod $POD is Ready but no worker has loaded the model"
 LOADED_AT=${LOADED_LINE:0:19}
 READY_AT=${READY_AT%Z}
-[[ ! "$READY_AT" < "$LOADED_AT" ]] || fail "pod $POD turned Ready at $READY_AT, before its worker loaded the model ($LOADED_AT)"
+if [[ "$READY_AT" < "$LOADED_AT" ]]; then
+  fail "pod $POD turned Ready at $READY_AT, before its worker loaded the model ($LOADED_AT)"
+fi
 step "pod $POD Ready at $READY_AT, its worker loaded at $LOADED_AT"
 
 # A generation and the metrics through a port-forward to that pod (the Service's ports: 8080 and 8082).
