@@ -42,8 +42,8 @@ INFERENCE_SOCKET=$TMPDIR/inference.sock
 PID_FILE=$TMPDIR/.model_server.pid  # where the torchserve launcher records the server's pid
 
 # The edge (see above). Bodies and answers pass through as they come (no buffering: streamed progress events
-# reach the client at once, and nginx writes no temporary files); a closed client connection closes the one to
-# TorchServe. As root, nginx would run its worker as nobody, who cannot reach RUN_DIR: the same user runs it.
+# reach the client at once); a closed client connection closes the one to TorchServe. As root, nginx would run
+# its worker as nobody, who cannot reach RUN_DIR: the same user runs it.
 NGINX_CONFIG=$RUN_DIR/nginx.conf
 NGINX_PID_FILE=$TMPDIR/nginx.pid
 NGINX=(nginx -p "$RUN_DIR" -e "$LOG_LOCATION/nginx_error.log" -c "$NGINX_CONFIG")
