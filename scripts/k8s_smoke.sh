@@ -27,6 +27,9 @@ CLIENT=(.venv/bin/python scripts/client.py)  # inside the pod, in the image's wo
 step() { echo "k8s smoke: $*"; }
 fail() { echo "k8s smoke: FAILED: $*" >&2; exit 1; }
 k() { kubectl -n "$NAMESPACE" "$@"; }
+for tool in kubectl curl; do
+  command -v "$tool" >/dev/null || fail "$tool is missing"
+done
 
 WORK=$(mktemp -d)
 FORWARD_PID=
