@@ -40,13 +40,17 @@ RUN make mar \
     && rm -rf artifacts/tiny
 
 # The runtime: Java for TorchServe's frontend, gcc because a worker compiles its C kernels for the machine's CPU
-# when it loads the model (handler/controlnet_canny/backends/cpu_attention.c, cpu_winograd.c). The application,
+# when it loads the model (handler/controlnet_canny/backends/cpu_attention.c, cpu_winograd.c), procps because the
+# frontend stops a worker it scales down by running the program `kill -9 <pid>` (without it the management API
+# answers 500 to a scale-down; the frontend's other external commands are in docs/serving.md, "Container"), nginx
+# for the edge that scripts/serve.sh puts in front of the inference API (pipelined requests answered in order).
+# The application,
 # its environment and the model directory belong to root: the server's user reads them and writes only to
 # TorchServe's working directory (keys, logs) and to /tmp.
 FROM ${BASE_IMAGE}
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless gcc libc6-dev \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless gcc libc6-dev procps nginx \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
     && useradd --uid 10001 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin serve
 COPY --from=build /app /app

@@ -29,8 +29,16 @@ generate: $(TINY)
 	$(PY) scripts/generate.py --checkpoint $(TINY) --config handler/controlnet_canny/configs/cldm_tiny.yaml \
 		--image tests/data/house.png --prompt "a house" --image-resolution 64 --out artifacts/result.zip
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test nginx
 	$(PY) -m pytest
+
+# The edge that scripts/serve.sh puts in front of TorchServe's inference API: Debian's nginx, installed here where it
+# is missing and this runs as root with apt-get; elsewhere install nginx yourself.
+.PHONY: nginx
+nginx:
+	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } \
+		|| { echo "nginx is needed (scripts/serve.sh's edge): apt-get install -y nginx" >&2; exit 1; }
 
 # Performance figures for docs/benchmarks.md: the pipeline loaded from a synthetic full-size checkpoint (5.7 GB,
 # written once to ~/.cache) beside diffusers and OpenVINO, per step, on square, landscape and portrait outputs at
@@ -56,7 +64,7 @@ $(MAR): $(TINY) scripts/build_mar.py handler/controlnet_handler.py handler/servi
 mar: $(MAR)
 
 # Starts TorchServe in the background on 127.0.0.1:8080-8082 and prints how to call it.
-serve: $(MAR)
+serve: $(MAR) nginx
 	scripts/serve.sh start
 
 stop:
@@ -65,10 +73,10 @@ stop:
 # Reliability runs against a TorchServe they start on loopback (tiny model), bounded in time and requests;
 # figures in docs/reliability.md. The JSON summaries go to artifacts/reliability/.
 .PHONY: load soak
-load: $(VENV)/.installed $(TINY)
+load: $(VENV)/.installed $(TINY) nginx
 	$(PY) scripts/load.py --out artifacts/reliability/load.json
 
-soak: $(VENV)/.installed $(TINY)
+soak: $(VENV)/.installed $(TINY) nginx
 	$(PY) scripts/soak.py --out artifacts/reliability/soak.json
 
 # The container image, built with podman on a Debian base that mmdebstrap makes (no image registry needed) and pip

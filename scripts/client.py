@@ -3,6 +3,8 @@
 
   client.py ping                                            exit 0 when TorchServe answers /ping Healthy
   client.py ready                                           exit 0 when the model has a worker READY
+  client.py describe                                        the management API's description of the model (JSON)
+  client.py scale-workers 2                                 the model's workers set to 2, waiting until they run
   client.py generate --image in.png --prompt "a house" --out result/
       streams progress (a bar per DDIM step) and saves sample_00.png..., edge_map.png, params.json;
       --preview-every N also saves the live previews as previews/step_NN.jpg while they arrive
@@ -15,6 +17,11 @@ Numeric grid values are numbers or inclusive ranges START:STOP:STEP. Other reque
 --param NAME=VALUE (e.g. --param ddim_steps=30). The API key is read from TorchServe's key_file.json.
 The seed axis lists image seeds: with --param num_samples=N a request makes the images of seeds s .. s+N-1,
 so the sweep sends one request per N seeds and never generates a seed twice.
+
+ready, describe and scale-workers call the management API (--management-url) with the management key; where
+there is no key file (token authorization off, as in the Kubernetes pods) they send none. Standing in for curl,
+which the image does not have: `kubectl exec deploy/controlnet-canny -- .venv/bin/python scripts/client.py
+scale-workers 2`.
 """
 from __future__ import annotations
 
@@ -330,11 +337,41 @@ def read_key(key_file: Path, kind: str) -> str:
         sys.exit(f"error: cannot read the {kind} key from {key_file} ({err}); is TorchServe running?")
 
 
+def management_headers(key_file: Path) -> dict[str, str]:
+    """The management key's header; none where TorchServe wrote no key file (token authorization off)."""
+    return {"Authorization": f"Bearer {read_key(key_file, 'management')}"} if key_file.exists() else {}
+
+
+def model_url(args: argparse.Namespace) -> str:
+    return f"{args.management_url.rstrip('/')}/models/{args.model}"
+
+
 def model_ready(args: argparse.Namespace) -> bool:
     """/ping turns Healthy once the workers run, before they have loaded the model: ask the management API."""
-    response = requests.get(f"{args.management_url.rstrip('/')}/models/{args.model}", timeout=10,
-                            headers={"Authorization": f"Bearer {read_key(args.key_file, 'management')}"})
+    response = requests.get(model_url(args), headers=management_headers(args.key_file), timeout=10)
     return response.ok and any(w["status"] == "READY" for model in response.json() for w in model["workers"])
+
+
+def describe(args: argparse.Namespace) -> None:
+    response = requests.get(model_url(args), headers=management_headers(args.key_file), timeout=30)
+    if response.status_code != 200:
+        fail(response)
+    print(json.dumps(response.json(), indent=2))
+
+
+def scale_workers(args: argparse.Namespace) -> None:
+    """Synchronous: TorchServe answers once the workers have started (a new worker loads the model first) or
+    stopped; then the workers described are printed."""
+    response = requests.put(model_url(args), headers=management_headers(args.key_file), timeout=args.timeout,
+                            params={"min_worker": args.workers, "max_worker": args.workers, "synchronous": "true"})
+    if response.status_code != 200:
+        fail(response)
+    print(response.json()["status"])
+    described = requests.get(model_url(args), headers=management_headers(args.key_file), timeout=30)
+    if described.status_code != 200:
+        fail(described)
+    for worker in described.json()[0]["workers"]:
+        print(f"worker {worker['id']}: {worker['status']}")
 
 
 def add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -349,10 +386,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="controlnet")
     parser.add_argument("--key-file", type=Path, default=ROOT / "artifacts" / "serve" / "key_file.json")
     parser.add_argument("--key", help="the inference key itself (default: read from --key-file)")
-    parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="for ready")
+    parser.add_argument("--management-url", default="http://127.0.0.1:8081",
+                        help="for ready, describe and scale-workers")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ping", help="exit 0 when TorchServe answers /ping Healthy")
     commands.add_parser("ready", help="exit 0 when the model has a worker READY (needs the management key)")
+    commands.add_parser("describe", help="the model's description by the management API: workers, batching")
+    scale = commands.add_parser("scale-workers", help="set the model's worker count, waiting until they run")
+    scale.add_argument("workers", type=int, help="minimum and maximum workers (0 stops the model's workers)")
+    scale.add_argument("--timeout", type=float, default=900,
+                       help="seconds to wait for the answer (new workers load the model first; default 900)")
 
     one = commands.add_parser("generate", help="one request, with a progress bar")
     add_image_options(one)
@@ -373,6 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "sweep" and args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.command == "scale-workers" and args.workers < 0:
+        parser.error("the worker count must be 0 or more")
     return args
 
 
@@ -383,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0 if model_ready(args) else 1)
         except requests.RequestException:
             sys.exit(1)
+    if args.command in ("describe", "scale-workers"):
+        {"describe": describe, "scale-workers": scale_workers}[args.command](args)
+        return
     client = Client(args.url, args.model, args.key or read_key(args.key_file, "inference"))
     if args.command == "ping":
         try:

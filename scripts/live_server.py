@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -200,6 +201,42 @@ def tiny_server(checkpoint: Path, sets: Sequence[str] = (), settings: Mapping[st
         build_model(tmp / "model_store", [checkpoint], sets=["handler.threads=1", *sets])
         with running_torchserve(tmp / "model_store", tmp, settings, timeout=timeout) as server:
             yield server
+
+
+def pipelined(url: str, headers: Mapping[str, str], requests_fields: Sequence[Mapping], timeout: float = 300
+              ) -> list[tuple[int, dict[str, str], bytes]]:
+    """Multipart POSTs of HOUSE with each of `requests_fields`, written back to back on one HTTP/1.1 connection in
+    one write (HTTP pipelining: the server has them all before it answers any); the answers as they come on that
+    connection: status, headers (lower-case names), body (de-chunked)."""
+    target = urlsplit(url)
+    wire = b""
+    for fields in requests_fields:
+        prepared = requests.Request("POST", url, headers=dict(headers), data=dict(fields),
+                                    files={"image": ("house.png", HOUSE)}).prepare()
+        head = [f"POST {target.path} HTTP/1.1", f"Host: {target.netloc}",
+                *(f"{name}: {value}" for name, value in prepared.headers.items())]
+        wire += ("\r\n".join(head) + "\r\n\r\n").encode() + prepared.body
+    with socket.create_connection((target.hostname, target.port), timeout=timeout) as connection:
+        connection.sendall(wire)
+        stream = connection.makefile("rb")
+        return [_read_response(stream) for _ in requests_fields]
+
+
+def _read_response(stream) -> tuple[int, dict[str, str], bytes]:
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline().decode()) not in ("\r\n", ""):
+        name, value = line.split(":", 1)
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while (size := int(stream.readline().split(b";")[0], 16)) > 0:
+            body += stream.read(size)
+            stream.readline()
+        stream.readline()
+    else:
+        body = stream.read(int(headers.get("content-length", 0)))
+    return status, headers, body
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -1,4 +1,5 @@
-"""scripts/client.py's sweep grid without a server: the seed axis with num_samples, the new axes, input digests."""
+"""scripts/client.py without a server: the sweep grid (the seed axis with num_samples, the new axes, input digests)
+and the management commands' key."""
 from __future__ import annotations
 
 import sys
@@ -58,3 +59,11 @@ def test_inputs_digest(tmp_path):
     assert client.inputs_digest({"image": image, "control_image": control}) != alone
     assert client.inputs_digest({"image": image, "init_image": control}) != \
         client.inputs_digest({"image": image, "control_image": control})
+
+
+def test_management_commands_send_the_key_only_where_torchserve_wrote_one(tmp_path):
+    """In the Kubernetes pods token authorization is off and TorchServe writes no key file: describe and
+    scale-workers then send no key; with a key file they send its management key."""
+    assert client.management_headers(tmp_path / "key_file.json") == {}
+    (tmp_path / "key_file.json").write_text('{"management": {"key": "m123"}, "inference": {"key": "i456"}}')
+    assert client.management_headers(tmp_path / "key_file.json") == {"Authorization": "Bearer m123"}

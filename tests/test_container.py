@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from live_server import HOUSE, free_ports, wait_until
+from live_server import HOUSE, free_ports, pipelined, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/controlnet-canny:0.1.0"  # scripts/build_image.sh's default tag, as podman names it
@@ -86,7 +86,7 @@ def container():
     ports = free_ports(3)
     command = ["run", "--detach", "--name", name, "--read-only", "--read-only-tmpfs=false",
                "--cap-drop=ALL", "--security-opt=no-new-privileges", f"--stop-timeout={STOP_TIMEOUT}",
-               "--env=CONTROLNET_CPUS=1",  # as k8s/deployment.yaml sets it from the CPU request
+               "--env=CONTROLNET_CPUS=1",  # as k8s/base/deployment.yaml sets it from the CPU request
                *vm_options(),
                *(f"--tmpfs={mount}" for mount in TMPFS),
                *(f"--publish=127.0.0.1:{host}:{inside}" for host, inside in zip(ports, (8080, 8081, 8082))),
@@ -177,6 +177,28 @@ def test_the_worker_takes_its_threads_from_controlnet_cpus_and_compiles_its_kern
     assert "backend cpu: prepack" in model_log
     if {"avx2", "fma"} <= set(Path("/proc/cpuinfo").read_text().split()):
         assert not any(failed in model_log for failed in ("did not compile", "did not load", "no C compiler"))
+
+
+def test_workers_scale_one_two_one_through_the_management_api_inside_the_image(container):
+    """As docs/serving.md has operators do it in a container or a pod, where there is no curl: scripts/client.py's
+    management commands. Each synchronous scale answers 200 (the client exits 1 on anything else), down as well as
+    up: TorchServe 0.12 stops a worker by running the program `kill`, which the image must have (procps)."""
+    client = [".venv/bin/python", "scripts/client.py"]
+    for workers in (2, 1):
+        scaled = container.exec(*client, "scale-workers", str(workers))
+        assert scaled.returncode == 0, scaled.stdout + scaled.stderr + container.logs()
+        described = container.exec(*client, "describe", check=True)
+        assert [w["status"] for w in json.loads(described.stdout)[0]["workers"]] == ["READY"] * workers
+        assert container.ready_workers() == workers  # the same seen from outside, over the published port
+
+
+def test_pipelined_requests_are_answered_in_order_through_the_edge(container):
+    """A slow generation and an edge map pipelined on one connection to the published port: the image's edge
+    (nginx, scripts/serve.sh) answers them in request order."""
+    generation, edge_map = pipelined(f"{container.inference}/predictions/controlnet", container.auth(), [
+        {"prompt": "a house", "ddim_steps": 40, "seed": 1, "output": "json"}, {"mode": "edges", "output": "png"}])
+    assert generation[0] == 200 and json.loads(generation[2])["parameters"]["seeds"] == [1], generation[:2]
+    assert edge_map[0] == 200 and edge_map[2].startswith(b"\x89PNG"), edge_map[:2]
 
 
 def test_podman_stop_ends_it_gracefully_within_its_timeout(container):

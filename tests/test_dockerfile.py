@@ -62,7 +62,9 @@ def test_runtime_has_no_build_tools_but_the_kernel_compiler():
     runtime = re.sub(r"\\\n\s*", " ", stages()[1])
     [install] = re.findall(r"^RUN .*apt-get install.*$", runtime, re.M)
     packages = set(re.search(r"--no-install-recommends ([^&]+)", install)[1].split())
-    assert packages == {"openjdk-17-jre-headless", "gcc", "libc6-dev"}  # gcc: backends/cpu_*.c at load
+    # gcc: backends/cpu_*.c at load; procps: the `kill` TorchServe's frontend runs to scale workers down; nginx:
+    # scripts/serve.sh's edge
+    assert packages == {"openjdk-17-jre-headless", "gcc", "libc6-dev", "procps", "nginx"}
     assert "rm -rf /var/lib/apt/lists/*" in install
 
 

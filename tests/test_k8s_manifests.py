@@ -1,9 +1,13 @@
 """The Kubernetes manifests in k8s/: valid against the API schemas (kubernetes-validate, offline, strict: no
-unknown fields) of the oldest and newest Kubernetes versions we claim, and consistent with each other and
-with the server and the image (readiness on a READY worker, ports, labels, user, threads, the config's settings)."""
+unknown fields) of the oldest Kubernetes version it has schemas for (1.25; the manifests need 1.23, as documented)
+and a recent one, and consistent with each other and with the server and the image (readiness on a READY worker,
+ports, labels, user, threads, the config's settings); the tiny overlay rendered as kustomize renders it."""
 from __future__ import annotations
 
+import copy
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -12,12 +16,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-VERSIONS = ["1.29.0", "1.33.0"]  # autoscaling/v2, networking.k8s.io/v1, policy: all GA since 1.23
+BASE = K8S / "base"
+TINY = K8S / "overlays" / "tiny"
+VERSIONS = ["1.25.0", "1.33.0"]
 CORE = ["configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "networkpolicy.yaml"]
+MINIMUM_KUBERNETES = "1.23"  # autoscaling/v2 (hpa.yaml); networkpolicy.yaml's kubernetes.io/metadata.name: 1.21
 
 
-def load(name: str) -> dict:
-    documents = [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+def load(name: str, directory: Path = BASE) -> dict:
+    documents = [d for d in yaml.safe_load_all((directory / name).read_text()) if d]
     assert len(documents) == 1, name
     return documents[0]
 
@@ -32,7 +39,104 @@ def test_kustomization_lists_every_core_manifest():
     kustomization = load("kustomization.yaml")
     assert kustomization["kind"] == "Kustomization"
     assert sorted(kustomization["resources"]) == sorted(CORE)
-    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*CORE, "kustomization.yaml", "podmonitor.yaml"])
+    assert sorted(p.name for p in BASE.glob("*.yaml")) == sorted([*CORE, "kustomization.yaml"])
+    assert load("kustomization.yaml", K8S)["resources"] == ["base"]  # kubectl apply -k k8s/: the base as it is
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == ["kustomization.yaml", "podmonitor.yaml"]
+
+
+def test_the_minimum_kubernetes_version_is_documented_where_the_manifests_are():
+    assert load("hpa.yaml")["apiVersion"] == "autoscaling/v2"  # served from 1.23
+    namespaces = [rule["from"][0].get("namespaceSelector", {}).get("matchLabels", {})
+                  for rule in load("networkpolicy.yaml")["spec"]["ingress"]]
+    assert {"kubernetes.io/metadata.name": "monitoring"} in namespaces  # set by Kubernetes from 1.21
+    assert f"Kubernetes {MINIMUM_KUBERNETES} or later" in (ROOT / "docs" / "kserve.md").read_text()
+    assert f"Kubernetes {MINIMUM_KUBERNETES}" in (K8S / "kustomization.yaml").read_text()
+
+
+def test_docs_give_the_hpa_threshold_of_hpa_yaml():
+    [metric] = load("hpa.yaml")["spec"]["metrics"]
+    threshold = metric["resource"]["target"]["averageUtilization"]
+    docs = (ROOT / "docs" / "kserve.md").read_text()
+    assert set(re.findall(r"on CPU \((\d+) ?%", docs)) == {str(threshold)}
+
+
+def strategic_merge(base, patch):
+    """The part of Kubernetes' strategic merge patch that the overlays use: maps merge key by key, a list of named
+    maps (containers, env, ports, volumes: their patchMergeKey is `name`) merges item by name, anything else is
+    replaced. Checked against kubectl's own kustomize where kubectl is installed."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in base + patch):
+        merged = [copy.deepcopy(item) for item in base]
+        names = [item["name"] for item in merged]
+        for item in patch:
+            if item["name"] in names:
+                merged[names.index(item["name"])] = strategic_merge(merged[names.index(item["name"])], item)
+            else:
+                merged.append(item)
+        return merged
+    return patch
+
+
+def render(overlay: Path) -> list[dict]:
+    """An overlay whose resources are one base directory and whose patches are strategic-merge patches of objects
+    named in that base, rendered: the base's documents in its order, each patched where kind and name match."""
+    kustomization = load("kustomization.yaml", overlay)
+    assert set(kustomization) == {"apiVersion", "kind", "resources", "patches"}, "render() knows no other fields"
+    [base_dir] = [(overlay / entry).resolve() for entry in kustomization["resources"]]
+    documents = [load(name, base_dir) for name in load("kustomization.yaml", base_dir)["resources"]]
+    for entry in kustomization["patches"]:
+        assert set(entry) == {"path"}, "render() knows strategic-merge patch files only"
+        patch = load(entry["path"], overlay)
+        [index] = [i for i, d in enumerate(documents)
+                   if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])]
+        documents[index] = strategic_merge(documents[index], patch)
+    return documents
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_render_agrees_with_kubectl_kustomize():
+    rendered = subprocess.run(["kubectl", "kustomize", str(TINY)], capture_output=True, text=True, check=True).stdout
+    by_kind = {d["kind"]: d for d in yaml.safe_load_all(rendered) if d}
+    assert by_kind == {d["kind"]: d for d in render(TINY)}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tiny_overlay_is_valid(version):
+    for document in render(TINY):
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _gibibytes(quantity: str) -> float:
+    units = {"Mi": 2**-10, "Gi": 1}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_tiny_overlay_changes_only_the_pods_resources_and_fits_a_two_cpu_node_twice():
+    base, tiny = [load(name) for name in CORE], render(TINY)
+    assert [d["kind"] for d in tiny] == [d["kind"] for d in base]
+    for original, overlaid in zip(base, tiny):
+        if original["kind"] == "Deployment":
+            (container,) = overlaid["spec"]["template"]["spec"]["containers"]
+            without_resources = copy.deepcopy(overlaid)
+            without_resources["spec"]["template"]["spec"]["containers"][0]["resources"] = (
+                original["spec"]["template"]["spec"]["containers"][0]["resources"])
+            assert without_resources == original
+        else:
+            assert overlaid == original
+    # the default stays sized for the real model; the overlay's pod: two replicas (scripts/k8s_smoke.sh scales to 2)
+    # within 1.5 of a 2-CPU node's cores, room for two tiny workers (about 1.2 GiB with the JVM, 2.1 GiB with two)
+    assert load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "4"
+    assert 2 * _cpus(container["resources"]["requests"]["cpu"]) <= 1.5
+    assert _gibibytes(container["resources"]["limits"]["memory"]) >= 2.5
+    assert _gibibytes(container["resources"]["requests"]["memory"]) <= _gibibytes(container["resources"]["limits"]["memory"])
 
 
 def _pod():
@@ -122,7 +226,7 @@ def test_service_hpa_and_monitoring_select_the_pods():
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {"http", "metrics"}
     annotations = template["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "8082", "prometheus.io/path": "/metrics"}
-    monitor = load("podmonitor.yaml")  # a CRD: no schema in kubernetes-validate; checked against the pods here
+    monitor = load("podmonitor.yaml", K8S)  # a CRD: no schema in kubernetes-validate; checked against the pods here
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
     assert monitor["spec"]["selector"]["matchLabels"] == labels
     assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]

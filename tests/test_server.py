@@ -161,20 +161,17 @@ def test_batch_isolates_a_bad_request_and_equals_single_requests(server):
 
 
 def test_scaling_workers_one_two_one(server):
-    def scale(workers: int) -> None:
-        response = requests.put(
-            f"{server.management}/models/controlnet",
-            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-            headers=server.auth("management"), timeout=180,
-        )
-        assert response.status_code in (200, 202), response.text
-        wait_until(lambda: [w["status"] for w in server.describe()["workers"]] == ["READY"] * workers, 120,
-                   f"{workers} READY worker(s)")
+    """Through scripts/client.py's management commands, as an operator runs them inside the container or a pod
+    (kubectl exec): a synchronous scale answers 200 up and down (down, TorchServe 0.12 runs the program `kill`; in
+    an image without it the answer is a 500), and describe shows the new count at once."""
+    for workers in (2, 1):
+        scaled = run_client(server, "scale-workers", str(workers))
+        assert scaled.returncode == 0, scaled.stdout + scaled.stderr  # the client exits 1 on any answer but 200
+        described = run_client(server, "describe")
+        assert described.returncode == 0, described.stderr
+        assert [w["status"] for w in json.loads(described.stdout)[0]["workers"]] == ["READY"] * workers
         generated = server.predict({"seed": workers})
         assert generated.status_code == 200, generated.text
-
-    for workers in (2, 1):
-        scale(workers)
 
 
 def scrape(server) -> dict[str, list[tuple[dict, float]]]:
