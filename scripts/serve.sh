@@ -70,6 +70,7 @@ http {
   uwsgi_temp_path $TMPDIR/nginx_uwsgi;
   scgi_temp_path $TMPDIR/nginx_scgi;
   client_max_body_size $(setting max_request_size);
+  large_client_header_buffers 4 8k;  # named in the 431 below
   proxy_request_buffering off;
   proxy_buffering off;
   proxy_read_timeout $(setting default_response_timeout)s;
@@ -79,6 +80,17 @@ http {
     location / {
       proxy_pass http://unix:$INFERENCE_SOCKET:;
       proxy_http_version 1.1;  # chunked answers (streams) pass through chunked
+    }
+    # What the edge refuses itself is answered like the handler's refusals: JSON naming what is over which limit.
+    error_page 413 @body_too_large;
+    error_page 494 =431 @headers_too_large;  # 494: nginx's own code for headers over large_client_header_buffers
+    location @body_too_large {
+      default_type application/json;
+      return 413 '{"error": "body: over the $(setting max_request_size) bytes allowed (max_request_size)", "field": "body"}\n';
+    }
+    location @headers_too_large {
+      default_type application/json;
+      return 431 '{"error": "headers: over the 8 KiB allowed per line, 32 KiB in all", "field": "headers"}\n';
     }
   }
 }
