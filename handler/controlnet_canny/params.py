@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import reject_unknown_keys
 from .samplers import KARRAS_SAMPLERS, SAMPLERS
+from .token_merging import MAX_RATIO as MAX_MERGING_RATIO
 
 DEFAULT_A_PROMPT = "best quality, extremely detailed"
 DEFAULT_N_PROMPT = (
@@ -54,6 +55,7 @@ class GenerationParams:
     height: int = 0
     denoising_strength: float = 0.75
     long_prompt: bool = False
+    token_merging_ratio: float = 0.0  # tomesd's ratio (controlnet_canny.token_merging); 0: off
 
     @property
     def effective_control_mode(self) -> str:
@@ -91,6 +93,7 @@ class Limits:
     guidance_start: tuple[float, float] = (0.0, 1.0)
     guidance_end: tuple[float, float] = (0.0, 1.0)
     denoising_strength: tuple[float, float] = (0.0, 1.0)
+    token_merging_ratio: tuple[float, float] = (0.0, MAX_MERGING_RATIO)
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:

@@ -27,6 +27,7 @@ from .fidelity import control_fidelity
 from .params import GenerationParams, ParamError
 from .preprocess import MAX_ASPECT, canny, fit, fitted_edges, output_size, resize_image
 from .text_encoder import is_truncated, match_lengths, token_count
+from .token_merging import TokenMerging
 from .unet import widen
 from .vae import VAEEncoder, load_encoder, to_unit_range
 
@@ -131,6 +132,9 @@ class Sampling:
     seconds: dict[str, float]
     started: float  # perf_counter at the start of sampling
     done: int = 0
+    # token_merging_ratio > 0: per sample, the CPU generator (seed + i) of its token merging's places, apart from
+    # the noise's generator so that the noise's draws stay as documented
+    merging_generators: list[torch.Generator] | None = None
 
     @property
     def total(self) -> int:
@@ -150,7 +154,16 @@ class Sampling:
         prompts: each row has its own x, t and conditioning."""
         c = self.conditioning
         return (tuple(self.noise.shape[-2:]), c.cond.shape[1], c.conditional_only,
-                c.control_mode == "control" and not c.conditional_only, self.control_steps[self.done])
+                c.control_mode == "control" and not c.conditional_only, self.control_steps[self.done],
+                self.prepared.params.token_merging_ratio)
+
+    def token_merging(self) -> TokenMerging | None:
+        """This request's token merging at its next model evaluation (None: off). A sample evaluated on its
+        conditional half alone is tomesd's odd batch: the top-left places, nothing drawn."""
+        ratio = self.prepared.params.token_merging_ratio
+        if not ratio:
+            return None
+        return TokenMerging(ratio, None if self.conditioning.conditional_only else self.merging_generators)
 
 
 def _hint_planes(control_map: np.ndarray) -> np.ndarray:
@@ -350,8 +363,11 @@ class ControlNetCannyPipeline:
 
         conditioning = Conditioning(rows(cond), rows(uncond), rows(hint_features), scales, guidance, mode,
                                     p.scale == 1.0)
+        merging_generators = ([torch.Generator("cpu").manual_seed(s) for s in prepared.seeds]
+                              if p.token_merging_ratio else None)
         return Sampling(prepared, plan, samplers.start(plan, noise[0], init_latents), noise, conditioning,
-                        control_steps(plan.steps, p.guidance_start, p.guidance_end), seconds, started)
+                        control_steps(plan.steps, p.guidance_start, p.guidance_end), seconds, started,
+                        merging_generators=merging_generators)
 
     @staticmethod
     def groups(samplings: Sequence[Sampling], max_samples: int | None = None) -> list[list[Sampling]]:
@@ -377,7 +393,7 @@ class ControlNetCannyPipeline:
         counts = [s.samples for s in group]
         e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
                              Conditioning.rows([s.conditioning for s in group]),
-                             group[0].control_steps[group[0].done])
+                             group[0].control_steps[group[0].done], TokenMerging.rows([s.token_merging() for s in group]))
         for sampling, request_eps in zip(group, e.split(counts)):
             noise = sampling.noise[1 + sampling.done] if sampling.plan.noise_draws else None
             sampling.state = samplers.step(sampling.plan, sampling.state, request_eps, noise)
@@ -424,7 +440,8 @@ class ControlNetCannyPipeline:
             self._encoder = load_encoder(self.config, self.checkpoints, self.device, self.dtype)
         return self._encoder
 
-    def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool) -> torch.Tensor:
+    def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool,
+                    token_merging: TokenMerging | None = None) -> torch.Tensor:
         """eps = e_uncond + scale (e_cond - e_uncond), both halves in one batched forward.
 
         control_mode (sd-webui-controlnet's, README): balanced and prompt run the ControlNet on both halves;
@@ -440,7 +457,7 @@ class ControlNetCannyPipeline:
             return [r * widen(c.scales, r.shape[0])[:, i, None, None, None] for i, r in enumerate(residuals)]
 
         if c.conditional_only:
-            return unet(x, t, c.cond, scaled_control(c.cond) if with_control else None).float()
+            return unet(x, t, c.cond, scaled_control(c.cond) if with_control else None, token_merging).float()
         context = torch.cat([c.cond, c.uncond])
         if not with_control:
             control = None
@@ -449,7 +466,7 @@ class ControlNetCannyPipeline:
         else:
             control = scaled_control(context)
         # Both halves share x and t: the networks compute the rows before the first cross-attention once.
-        e_cond, e_uncond = unet(x, t, context, control).float().chunk(2)
+        e_cond, e_uncond = unet(x, t, context, control, token_merging).float().chunk(2)
         return e_uncond + c.guidance * (e_cond - e_uncond)
 
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
