@@ -33,9 +33,16 @@ CELL = 2  # tomesd's sx = sy: one destination per 2x2 cell of tokens
 MAX_RATIO = 1 - 1 / CELL**2  # 0.75: every source merged
 
 
+def _flat(index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[rows, m] token indices as indices into the rows' tokens laid end to end."""
+    return (index + tokens * torch.arange(index.shape[0], device=index.device)[:, None]).flatten()
+
+
 def _take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """tokens[row, index[row, i], :] for every row: [rows, n, C] by [rows, m] to [rows, m, C]."""
-    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+    """tokens[row, index[row, i], :] for every row: [rows, n, C] by [rows, m] to [rows, m, C]. Whole tokens copied
+    by index_select (a gather along the tokens indexes every channel apart: 2.5x slower on a CPU in bf16)."""
+    rows, count, channels = tokens.shape
+    return tokens.reshape(rows * count, channels).index_select(0, _flat(index, count)).view(rows, -1, channels)
 
 
 class TokenMerging:
@@ -116,14 +123,14 @@ class BipartiteMatching:
     def unmerge(self, merged: torch.Tensor) -> torch.Tensor:
         """[rows, N - merges, C] back to [rows, N, C]: every merged source takes its destination's value."""
         kept, destinations = merged[:, :self.kept.shape[1]], merged[:, self.kept.shape[1]:]
-        out = torch.empty(merged.shape[0], self.destinations.shape[1] + self.sources.shape[1], merged.shape[-1],
-                          dtype=merged.dtype, device=merged.device)
-        channels = merged.shape[-1]
+        rows, channels = merged.shape[0], merged.shape[-1]
+        tokens = self.destinations.shape[1] + self.sources.shape[1]
+        out = torch.empty(rows * tokens, channels, dtype=merged.dtype, device=merged.device)
 
         def put(index: torch.Tensor, values: torch.Tensor) -> None:
-            out.scatter_(1, index[..., None].expand(-1, -1, channels), values)
+            out.index_copy_(0, _flat(index, tokens), values.reshape(-1, channels))
 
         put(self.destinations, destinations)
         put(self.sources.gather(1, self.kept), kept)
         put(self.sources.gather(1, self.merged), _take(destinations, self.partner))
-        return out
+        return out.view(rows, tokens, channels)
