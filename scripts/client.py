@@ -47,6 +47,7 @@ GRID_AXES = {  # option -> (request field, value type)
     "control_mode": ("control_mode", str),
     "resize_mode": ("resize_mode", str),
     "denoising_strength": ("denoising_strength", float),
+    "token_merging_ratio": ("token_merging_ratio", float),
 }
 IMAGE_OPTIONS = ("image", "control_image", "init_image")  # the request's file fields
 MANIFEST = "manifest.jsonl"
