@@ -393,7 +393,8 @@ class ControlNetCannyPipeline:
         counts = [s.samples for s in group]
         e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
                              Conditioning.rows([s.conditioning for s in group]),
-                             group[0].control_steps[group[0].done], TokenMerging.rows([s.token_merging() for s in group]))
+                             group[0].control_steps[group[0].done],
+                             TokenMerging.rows([s.token_merging() for s in group]))
         for sampling, request_eps in zip(group, e.split(counts)):
             noise = sampling.noise[1 + sampling.done] if sampling.plan.noise_draws else None
             sampling.state = samplers.step(sampling.plan, sampling.state, request_eps, noise)

@@ -115,7 +115,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, matching: BipartiteMatching | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                matching: BipartiteMatching | None = None) -> torch.Tensor:
         if matching is None:
             x = widen(x + self.attn1(self.norm1(x)), context.shape[0])
         else:  # token merging: the self-attention sees the merged tokens only
@@ -145,7 +146,8 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = TokenProjection(channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, token_merging: TokenMerging | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                token_merging: TokenMerging | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         for block in self.transformer_blocks:
