@@ -606,6 +606,8 @@ def parse_args() -> argparse.Namespace:
                         help="only time ours per step with token_merging_ratio RATIO against off, step by step in "
                              "turn in one process (--repeats requests of --steps steps each side)")
     parser.add_argument("--repeats", type=int, default=3, help="with --token-merging: requests per side")
+    parser.add_argument("--attention", default="auto", help="with --token-merging: handler.backend.attention (auto: "
+                        "measured at load, which a busy machine can sway; or torch, avx512, avx2)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: no CUDA device is usable here (torch {torch.__version__}, "
@@ -653,7 +655,8 @@ def main() -> None:
               "steps per side | off range | on range | attention ms, tokens: installed (torch) | merged |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for precision in args.precisions:
-            pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, device, precision)
+            pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, device, precision,
+                                                BackendOptions(attention=args.attention))
             log(f"{precision}: backend {backend_summary(pipe)}")
             token_merging_ab(pipe, shapes, args.token_merging, args.steps, args.repeats)
             del pipe
