@@ -17,11 +17,13 @@ sample's guidance halves cannot both be in it. Here each sample draws from its o
 sample's seed (sample i: seed + i) and used for nothing else (its noise generator's draws stay as documented), and
 both guidance halves of a sample share its places, as they share tomesd's batch: a sample is the same alone or
 evaluated with other requests, and for one sample this is tomesd's with its generator seeded so. A sample evaluated
-on its conditional half alone (scale 1) is tomesd's odd batch: top-left places, nothing drawn.
+on its conditional half alone (scale 1) is tomesd's odd batch: top-left places, nothing drawn. The matching itself
+is discrete (a maximum, a ranking): where two candidates are within rounding of each other, a kernel that rounds a
+row differently in another batch may pick the other one.
 
 The UNet merges, the ControlNet does not: `tomesd.apply_patch` on a diffusers ControlNet pipeline patches `pipe.unet`
 only, and AUTOMATIC1111 patches the SD model's diffusion model, not sd-webui-controlnet's network. The ControlNet's
-residuals are the control itself; merging there would blur the edges the request is steered by.
+residuals are the control itself, which merging there would approximate too.
 """
 from __future__ import annotations
 
