@@ -20,6 +20,7 @@ other things (see their help).
   bench.py --shapes 1:1 4:3 --sizes 256 --precisions fp32 --steps 2
   bench.py --device cuda --compile                # GPU: fp16 and bf16, torch.compile
   bench.py --recipes --shapes 1:1 --sizes 512 --precisions bf16   # whole images: samplers and their options
+  bench.py --token-merging 0.5 --sizes 512 768 --shapes 1:1 --precisions bf16   # token merging on against off
   bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
            --checkpoint artifacts/tiny/control_tiny_canny.pth --sizes 64 128   # the tiny model: a smoke test
 """
@@ -393,6 +394,58 @@ def machine_header(device: torch.device) -> str:
     return line
 
 
+# ---------------------------------------------------------------------------------------------- token merging
+
+
+def merging_sampling(pipe: ControlNetCannyPipeline, shape: Shape, steps: int, merging_ratio: float):
+    """A started 1-sample request of `steps` steps at this shape with this token_merging_ratio."""
+    params = GenerationParams(prompt="a house", image_resolution=shape.resolution, ddim_steps=steps, seed=0,
+                              token_merging_ratio=merging_ratio)
+    return pipe.start(pipe.prepare(photo(shape.aspect), params))
+
+
+def attention_milliseconds(pipe: ControlNetCannyPipeline, tokens: int) -> dict[str, float]:
+    """ms of one highest-level self-attention call (both guidance halves, SD 1.5's 8 heads of 40) at `tokens`
+    tokens: the attention the backend installed, and torch's SDPA."""
+    from controlnet_canny.backends.cpu import fastest_seconds
+    from controlnet_canny.unet import CrossAttention, multihead_attention
+
+    installed = next(m.attend for m in pipe.model.model.diffusion_model.modules() if isinstance(m, CrossAttention))
+    q, k, v = (torch.randn(GUIDANCE_BATCH, tokens, 320, dtype=pipe.dtype, device=pipe.device) for _ in range(3))
+    with torch.inference_mode():
+        return {name: 1000 * fastest_seconds(lambda: attend(q, k, v, 8))
+                for name, attend in (("installed", installed), ("torch", multihead_attention))}
+
+
+def token_merging_ab(pipe: ControlNetCannyPipeline, shapes: list[Shape], ratio: float, steps: int,
+                     repeats: int) -> None:
+    """Per guided step (sampling only, no decode), token merging off against `ratio`: two requests, one of each,
+    stepped in turn (off then on, then on then off, ...) so that a busy spell of a shared machine hits both sides;
+    the first step of each request is not timed. Medians of every timed step, and of each pair's ratio."""
+    for shape in shapes:
+        times: dict[float, list[float]] = {0.0: [], ratio: []}
+        for _ in range(repeats):
+            samplings = {side: merging_sampling(pipe, shape, steps, side) for side in (0.0, ratio)}
+            for step in range(steps):
+                for side in ((0.0, ratio) if step % 2 == 0 else (ratio, 0.0)):
+                    start = time.perf_counter()
+                    pipe.step([samplings[side]])
+                    synchronize(pipe.device)
+                    if step:
+                        times[side].append(time.perf_counter() - start)
+        log(f"{shape.label} {pipe.precision} s/step, in the order of the pairs: off "
+            f"{' '.join(f'{t:.3f}' for t in times[0.0])}; ratio {ratio} {' '.join(f'{t:.3f}' for t in times[ratio])}")
+        off, on = statistics.median(times[0.0]), statistics.median(times[ratio])
+        paired = statistics.median(a / b for a, b in zip(times[0.0], times[ratio]))
+        tokens = (shape.height // 8) * (shape.width // 8)
+        attention = {n: attention_milliseconds(pipe, n) for n in (tokens, tokens - int(tokens * ratio))}
+        print(f"| {shape.label} | {pipe.precision} | {off:.3f} | {on:.3f} | {off / on:.3f}x | {paired:.3f}x | "
+              f"{len(times[0.0])} | {min(times[0.0]):.3f}-{max(times[0.0]):.3f} | "
+              f"{min(times[ratio]):.3f}-{max(times[ratio]):.3f} | "
+              + " | ".join(f"{n}: {ms['installed']:.3g} ({ms['torch']:.3g})" for n, ms in attention.items()) + " |",
+              flush=True)
+
+
 # ----------------------------------------------------------------------------------- start-up, drift, service
 
 
@@ -481,11 +534,14 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
 # An example interval, not a tuned one: for SD 1.5 it leaves out the first 4 and the last 2 of DDIM's 20 steps
 # (sigma 11.0 to 5.1, and 0.23, 0.04) and the first 3 of dpmpp_2m's 10 (14.6 to 5.1).
 GUIDANCE_INTERVAL = (0.3, 5.0)
+TOKEN_MERGING_RATIO = 0.5  # tomesd's and AUTOMATIC1111's usual setting
+BASE_RECIPES = {"ddim 20": {"sampler": "ddim", "ddim_steps": 20}, "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10}}
+OPTIONS = {"guidance interval": {"guidance_interval": GUIDANCE_INTERVAL},
+           f"token merging {TOKEN_MERGING_RATIO}": {"token_merging_ratio": TOKEN_MERGING_RATIO}}
 RECIPES = {  # whole images as users ask for them: the request fields besides the prompt and the photo
-    "ddim 20": {"sampler": "ddim", "ddim_steps": 20},
-    "ddim 20, guidance interval": {"sampler": "ddim", "ddim_steps": 20, "guidance_interval": GUIDANCE_INTERVAL},
-    "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10},
-    "dpmpp_2m 10, guidance interval": {"sampler": "dpmpp_2m", "ddim_steps": 10, "guidance_interval": GUIDANCE_INTERVAL},
+    **{", ".join([base, *chosen]): {**fields, **{k: v for name in chosen for k, v in OPTIONS[name].items()}}
+       for base, fields in BASE_RECIPES.items()
+       for chosen in ([], *([name] for name in OPTIONS), list(OPTIONS))},
     "lcm 4 at scale 1": {"sampler": "lcm", "ddim_steps": 4, "scale": 1.0},  # the LCM-LoRA recipe's evaluations
 }
 
@@ -646,6 +702,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--service", metavar="URL", help="only measure service overhead against a running "
                         "`make serve` (e.g. http://127.0.0.1:8080)")
     parser.add_argument("--key-file", type=Path, default=ROOT / "artifacts" / "serve" / "key_file.json")
+    parser.add_argument("--token-merging", type=float, metavar="RATIO",
+                        help="only time ours per step with token_merging_ratio RATIO against off, step by step in "
+                             "turn in one process (--repeats requests of --steps steps each side)")
+    parser.add_argument("--repeats", type=int, default=3, help="with --token-merging: requests per side")
+    parser.add_argument("--attention", default="auto", help="with --token-merging: handler.backend.attention (auto: "
+                        "measured at load, which a busy machine can sway; or torch, avx512, avx2)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: no CUDA device is usable here (torch {torch.__version__}, "
@@ -690,6 +752,19 @@ def main() -> None:
 
     device, cfg = args.device, load_config(args.config)
     shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
+    if args.token_merging is not None:
+        print(machine_header(device))
+        print(f"| output HxW | dtype | off s/step | ratio {args.token_merging} s/step | speed-up | paired speed-up | "
+              "steps per side | off range | on range | attention ms, tokens: installed (torch) | merged |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for precision in args.precisions:
+            pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, device, precision,
+                                                BackendOptions(attention=args.attention))
+            log(f"{precision}: backend {backend_summary(pipe)}")
+            token_merging_ab(pipe, shapes, args.token_merging, args.steps, args.repeats)
+            del pipe
+            gc.collect()
+        return
     rows: dict[tuple[str, Shape], dict[str, str]] = {}
     times: dict[tuple[str, Shape], dict[str, float]] = {}
     print(machine_header(device))

@@ -56,6 +56,7 @@ GRID_AXES = {  # option -> (request field, value type)
     "resize_mode": ("resize_mode", str),
     "denoising_strength": ("denoising_strength", float),
     "guidance_interval": ("guidance_interval", str),
+    "token_merging_ratio": ("token_merging_ratio", float),
 }
 IMAGE_OPTIONS = ("image", "control_image", "init_image")  # the request's file fields
 MANIFEST = "manifest.jsonl"

@@ -44,10 +44,11 @@ def test_one_sample_per_seed_unchanged():
 def test_new_axes_sweep():
     items = _grid("--sampler", "ddim", "dpmpp_2m", "--guidance-end", "0.5:1:0.5", "--control-mode", "balanced",
                   "control", "--denoising-strength", "0.3", "--resize-mode", "just_resize", "--karras", "false",
-                  "--ddim-steps", "10", "20")
-    assert len(items) == 2 * 2 * 2 * 2
+                  "--ddim-steps", "10", "20", "--token-merging-ratio", "0:0.5:0.5")
+    assert len(items) == 2 * 2 * 2 * 2 * 2
     assert {item["sampler"] for item in items} == {"ddim", "dpmpp_2m"}
     assert {item["guidance_end"] for item in items} == {0.5, 1.0} and {item["ddim_steps"] for item in items} == {10, 20}
+    assert {item["token_merging_ratio"] for item in items} == {0.0, 0.5}
 
 
 def test_inputs_digest(tmp_path):

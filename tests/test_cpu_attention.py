@@ -60,9 +60,11 @@ def _tolerance(q, k, v, heads):
 
 
 # (batch, queries, keys, heads, dim): the SD 1.5 levels (heads of 40, 80, 160 against themselves and 77 text
-# tokens), the tiny model's (4, 8), and sizes that fill no tile exactly.
+# tokens), a merged self-attention (token_merging_ratio 0.3 at 256 px: 1024 - 307 tokens), the tiny model's (4, 8),
+# and sizes that fill no tile exactly.
 SHAPES = [
     (2, 1024, 1024, 8, 40), (1, 1024, 77, 8, 40), (2, 256, 256, 8, 80), (2, 64, 77, 8, 160), (2, 16, 16, 8, 160),
+    (2, 717, 717, 8, 40),
     (1, 64, 64, 8, 4), (2, 16, 77, 8, 8), (3, 5, 3, 5, 8), (1, 1, 1, 1, 2), (2, 33, 17, 2, 48), (1, 100, 97, 3, 18),
 ]
 # bf16 multiplies in pairs (odd head dims go to torch: tested below); fp32 takes odd head dims too.

@@ -172,3 +172,14 @@ def test_served_reported_and_counted(server):
     wait_until(lambda: conditional_steps() - before >= 2, 15, "two conditional-only evaluations on /metrics")
     refused = server.predict({"guidance_interval": "2,0.5"})
     assert refused.status_code == 400 and refused.json()["field"] == "guidance_interval"
+
+
+def test_token_merging_outside_the_interval_is_tomesds_odd_batch(tiny_pipeline, house_image):
+    # a step that runs the conditional half alone has no guidance pair to share places: the top-left ones, no draw
+    sampling = tiny_pipeline.start(tiny_pipeline.prepare(house_image, _params(guidance_interval=(0.5, 6.0),
+                                                                              token_merging_ratio=0.5)))
+    drawn = []
+    while not sampling.finished:
+        drawn.append(sampling.token_merging().generators is not None)
+        tiny_pipeline.step([sampling])
+    assert drawn == sampling.guided_steps and True in drawn and False in drawn

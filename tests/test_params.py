@@ -44,6 +44,7 @@ def test_defaults_are_the_reference_demos():
         "denoising_strength": 0.75,
         "long_prompt": False,
         "guidance_interval": None,
+        "token_merging_ratio": 0.0,
     }
 
 
@@ -97,6 +98,7 @@ def test_integral_float_accepted_for_int():
     ("low_threshold", 1, 255, 0, 256),
     ("high_threshold", 1, 255, 0, 256),
     ("denoising_strength", 0.0, 1.0, -0.01, 1.01),
+    ("token_merging_ratio", 0.0, 0.75, -0.01, 0.76),
 ])
 def test_ranges_enforced(field, low, high, below, above):
     for ok in (low, high):

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from conftest import TINY_CONFIG  # noqa: E402
-from controlnet_canny import ddim, samplers  # noqa: E402
+from controlnet_canny import ddim, samplers, token_merging  # noqa: E402
 from controlnet_canny.checkpoint import load_weights, read_state_dict  # noqa: E402
 from controlnet_canny.config import load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
@@ -587,3 +587,80 @@ def test_lcm_run_matches_diffusers_controlnet_pipeline(
     assert theirs_pipeline.scheduler.timesteps.tolist() == [999, 759, 499, 259]
     assert max_diff(ours[0], ours[1]) > 1e-1  # different seeds, different samples
     assert_close(ours, theirs, tol=1e-4, what=f"lcm final latents at scale {scale}")
+
+
+# --------------------------------------------------------------------------------------------- token merging
+
+
+class _MarginRecordingMatching(token_merging.BipartiteMatching):
+    """The matching, recording how far each of its decisions is from a tie: between a source's best and second best
+    destination, and between the last source merged and the first kept."""
+
+    def __init__(self, metric, places, height, width, merges):
+        super().__init__(metric, places, height, width, merges)
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        similarity = unit.gather(1, self.sources[..., None].expand(-1, -1, unit.shape[-1])) @ \
+            unit.gather(1, self.destinations[..., None].expand(-1, -1, unit.shape[-1])).transpose(-1, -2)
+        two_best = similarity.topk(2, dim=-1).values
+        margins = [(two_best[..., 0] - two_best[..., 1]).min().item()]
+        if 0 < self.merges < self.sources.shape[1]:
+            ranked = two_best[..., 0].sort(dim=-1, descending=True).values
+            margins.append((ranked[:, self.merges - 1] - ranked[:, self.merges]).min().item())
+        MARGINS.append(min(margins))
+
+
+MARGINS: list[float] = []
+
+
+@pytest.mark.parametrize("ratio, use_rand", [(0.5, False), (0.3, False), (0.5, True), (0.75, True)])
+def test_unet_with_token_merging_matches_tomesd(model, diffusers_unet, monkeypatch, ratio, use_rand):
+    """Ours against `tomesd.apply_patch(unet, ratio, use_rand=...)` on diffusers' UNet, its other arguments at their
+    defaults (what the service serves: merge the self-attention's input at the highest resolution only, 2x2 cells,
+    mean), the control residuals added.
+
+    use_rand=False: the top-left place of each cell, on two samples (two rows, each its own x and t).
+    use_rand=True: the same draws on both sides. tomesd draws each block's places from one generator, created on
+    first use unless one is there: it is given a generator seeded like ours, and one guided sample is evaluated (its
+    two guidance halves are tomesd's batch of two, which shares the places), twice, so that the second evaluation's
+    draws continue each generator's sequence in the same order (5 blocks at the highest resolution, in the order the
+    blocks run).
+
+    The matching is discrete (a maximum, a ranking): where two of its candidates are within rounding of each other,
+    the 1e-7 by which the two sides' hidden states differ decides between them, and the outputs differ by 1e-3. So
+    the inputs are ones whose decisions are all clear (checked: a test input with a near tie fails, naming it)."""
+    tomesd = pytest.importorskip("tomesd")
+    from controlnet_canny.token_merging import TokenMerging
+
+    monkeypatch.setattr(token_merging, "BipartiteMatching", _MarginRecordingMatching)
+
+    theirs_unet = tomesd.apply_patch(copy.deepcopy(diffusers_unet), ratio=ratio, use_rand=use_rand)
+    unet = model.model.diffusion_model
+    x, _, t, context = _control_inputs(seed=5)
+    if use_rand:
+        seed = 1234
+        theirs_unet._tome_info["args"]["generator"] = torch.Generator("cpu").manual_seed(seed)
+        merging = TokenMerging(ratio, [torch.Generator("cpu").manual_seed(seed)])
+        x, evaluations = x[:1], [t[:1], t[1:]]  # one sample: its two guidance halves are the rows
+    else:
+        merging = TokenMerging(ratio, None)
+        evaluations = [t]
+    g = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        shapes = [r.shape for r in model.control_model(x, torch.zeros(len(x), 32, 8, 8, device=DEVICE), t[:len(x)],
+                                                         context)]
+        control = [0.5 * torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+        for step in evaluations:
+            rows = context.shape[0] // x.shape[0]
+            MARGINS.clear()
+            ours = unet(x, step, context, control, merging)
+            assert len(MARGINS) == 5 and min(MARGINS) > 1e-5, f"a test input with a near tie in the matching: {MARGINS}"
+            theirs = theirs_unet(
+                x.repeat(rows, 1, 1, 1), step.repeat(rows), encoder_hidden_states=context,
+                down_block_additional_residuals=tuple(control[:-1]), mid_block_additional_residual=control[-1],
+            ).sample
+            assert_close(ours, theirs, tol=1e-5, what=f"UNet eps, token merging {ratio}, use_rand {use_rand}, t {step}")
+            # merging changes the result (the tests above compare unmerged eps), and the drawn places are not the
+            # top-left ones
+            assert max_diff(ours, unet(x, step, context, control)) > 1e-3
+            if use_rand:
+                assert max_diff(ours, unet(x, step, context, control, TokenMerging(ratio, None))) > 1e-3

@@ -311,3 +311,23 @@ def test_client_sweep_never_repeats_a_seed(server, tmp_path):
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted((r["sampler"], r["seed"]) for r in rows) == [(s, i) for s in ("ddim", "euler_a") for i in range(4)]
     assert all(isinstance(r["control_fidelity"], float) for r in rows)
+
+
+def test_token_merging_through_torchserve(server):
+    """token_merging_ratio end to end: 200 with the ratio in params.yaml and each PNG's parameters, an image other
+    than ratio 0's, the same again for the same seed; out of its range, a 400 naming the field and the range."""
+    def sample(ratio: float) -> tuple[np.ndarray, dict, dict]:
+        response = server.predict({"seed": 31, "token_merging_ratio": ratio})
+        assert response.status_code == 200, response.text
+        with zipfile.ZipFile(io.BytesIO(response.content)) as bundle:
+            png = bundle.read("sample_00.png")
+            return png_pixels(png), yaml.safe_load(bundle.read("params.yaml")), read_png_parameters(png)
+
+    merged, params, png_params = sample(0.5)
+    assert params["token_merging_ratio"] == 0.5 and png_params["token_merging_ratio"] == 0.5
+    assert np.abs(merged - sample(0.0)[0]).max() > 3
+    assert np.array_equal(merged, sample(0.5)[0])
+
+    refused = server.predict({"token_merging_ratio": 0.8})
+    assert refused.status_code == 400
+    assert refused.json()["field"] == "token_merging_ratio" and "0.75" in refused.json()["error"]

@@ -9,6 +9,7 @@ from typing import Any
 
 from .config import reject_unknown_keys
 from .samplers import KARRAS_SAMPLERS, SAMPLERS
+from .token_merging import MAX_RATIO as MAX_MERGING_RATIO
 
 DEFAULT_A_PROMPT = "best quality, extremely detailed"
 DEFAULT_N_PROMPT = (
@@ -56,6 +57,7 @@ class GenerationParams:
     long_prompt: bool = False
     # (low, high] in sigma: the unconditional pass runs only at steps whose sigma lies inside; None: at every step
     guidance_interval: tuple[float, float] | None = None
+    token_merging_ratio: float = 0.0  # tomesd's ratio (controlnet_canny.token_merging); 0: off
 
     @property
     def effective_control_mode(self) -> str:
@@ -96,6 +98,7 @@ class Limits:
     guidance_start: tuple[float, float] = (0.0, 1.0)
     guidance_end: tuple[float, float] = (0.0, 1.0)
     denoising_strength: tuple[float, float] = (0.0, 1.0)
+    token_merging_ratio: tuple[float, float] = (0.0, MAX_MERGING_RATIO)
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:

@@ -28,6 +28,7 @@ from .params import GenerationParams, ParamError
 from .preprocess import MAX_ASPECT, canny, fit, fitted_edges, output_size, resize_image
 from .previews import latent_rgb, preview_grid
 from .text_encoder import is_truncated, match_lengths, token_count
+from .token_merging import TokenMerging
 from .unet import widen
 from .vae import VAEEncoder, load_encoder, to_unit_range
 
@@ -133,6 +134,9 @@ class Sampling:
     preview_every: int = 0  # keep the data prediction of every n-th step for `ControlNetCannyPipeline.preview`
     preview_latents: torch.Tensor | None = None  # that prediction, until a preview takes it
     done: int = 0
+    # token_merging_ratio > 0: per sample, the CPU generator (seed + i) of its token merging's places, apart from
+    # the noise's generator so that the noise's draws stay as documented
+    merging_generators: list[torch.Generator] | None = None
 
     @property
     def total(self) -> int:
@@ -152,7 +156,7 @@ class Sampling:
         prompts: each row has its own x, t and conditioning."""
         c, guided = self.conditioning, self.guided_steps[self.done]
         return (tuple(self.noise.shape[-2:]), c.cond.shape[1], guided, c.control_mode == "control" and guided,
-                self.control_steps[self.done])
+                self.control_steps[self.done], self.prepared.params.token_merging_ratio)
 
     @property
     def preview_due(self) -> bool:
@@ -160,6 +164,15 @@ class Sampling:
         result itself follows it)."""
         step = self.done + 1
         return self.preview_every > 0 and step % self.preview_every == 0 and step < self.total
+
+    def token_merging(self) -> TokenMerging | None:
+        """This request's token merging at its next model evaluation (None: off). A sample evaluated on its
+        conditional half alone (scale 1, a step outside guidance_interval) is tomesd's odd batch: the top-left
+        places, nothing drawn."""
+        ratio = self.prepared.params.token_merging_ratio
+        if not ratio:
+            return None
+        return TokenMerging(ratio, self.merging_generators if self.guided_steps[self.done] else None)
 
 
 def _hint_planes(control_map: np.ndarray) -> np.ndarray:
@@ -374,9 +387,12 @@ class ControlNetCannyPipeline:
             return tensor.expand(p.num_samples, *tensor.shape[1:]).contiguous()
 
         conditioning = Conditioning(rows(cond), rows(uncond), rows(hint_features), scales, guidance, mode)
+        merging_generators = ([torch.Generator("cpu").manual_seed(s) for s in prepared.seeds]
+                              if p.token_merging_ratio else None)
         return Sampling(prepared, plan, samplers.start(plan, noise[0], init_latents), noise, conditioning,
                         control_steps(plan.steps, p.guidance_start, p.guidance_end),
-                        guided_steps(plan.sigmas[:-1], p.scale, p.guidance_interval), seconds, started, preview_every)
+                        guided_steps(plan.sigmas[:-1], p.scale, p.guidance_interval), seconds, started, preview_every,
+                        merging_generators=merging_generators)
 
     @staticmethod
     def groups(samplings: Sequence[Sampling], max_samples: int | None = None) -> list[list[Sampling]]:
@@ -402,7 +418,8 @@ class ControlNetCannyPipeline:
         counts = [s.samples for s in group]
         e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
                              Conditioning.rows([s.conditioning for s in group]),
-                             group[0].control_steps[group[0].done], group[0].guided_steps[group[0].done])
+                             group[0].control_steps[group[0].done], group[0].guided_steps[group[0].done],
+                             TokenMerging.rows([s.token_merging() for s in group]))
         for sampling, request_eps in zip(group, e.split(counts)):
             if sampling.preview_due:
                 sampling.preview_latents = samplers.denoised(sampling.plan, sampling.state, request_eps)
@@ -458,7 +475,7 @@ class ControlNetCannyPipeline:
         return None if latents is None else preview_grid(self.preview_decoder(latents))
 
     def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool,
-                    guided: bool) -> torch.Tensor:
+                    guided: bool, token_merging: TokenMerging | None = None) -> torch.Tensor:
         """eps = e_uncond + scale (e_cond - e_uncond), both halves in one batched forward; e_cond alone where the
         step is not `guided` (scale 1, or outside guidance_interval).
 
@@ -475,7 +492,7 @@ class ControlNetCannyPipeline:
             return [r * widen(c.scales, r.shape[0])[:, i, None, None, None] for i, r in enumerate(residuals)]
 
         if not guided:
-            return unet(x, t, c.cond, scaled_control(c.cond) if with_control else None).float()
+            return unet(x, t, c.cond, scaled_control(c.cond) if with_control else None, token_merging).float()
         context = torch.cat([c.cond, c.uncond])
         if not with_control:
             control = None
@@ -484,7 +501,7 @@ class ControlNetCannyPipeline:
         else:
             control = scaled_control(context)
         # Both halves share x and t: the networks compute the rows before the first cross-attention once.
-        e_cond, e_uncond = unet(x, t, context, control).float().chunk(2)
+        e_cond, e_uncond = unet(x, t, context, control, token_merging).float().chunk(2)
         return e_uncond + c.guidance * (e_cond - e_uncond)
 
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:

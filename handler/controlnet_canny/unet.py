@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import UNetConfig
+from .token_merging import BipartiteMatching, TokenMerging
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -114,8 +115,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = widen(x + self.attn1(self.norm1(x)), context.shape[0])
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                matching: BipartiteMatching | None = None) -> torch.Tensor:
+        if matching is None:
+            x = widen(x + self.attn1(self.norm1(x)), context.shape[0])
+        else:  # token merging: the self-attention sees the merged tokens only
+            x = widen(x + matching.unmerge(self.attn1(matching.merge(self.norm1(x)))), context.shape[0])
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -141,11 +146,13 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = TokenProjection(channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                token_merging: TokenMerging | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         for block in self.transformer_blocks:
-            h = block(h, context)
+            # each block matches its own input, with its own draw of destinations (tomesd's order)
+            h = block(h, context, None if token_merging is None else token_merging.matching(h, height, width))
         return widen(x, h.shape[0]) + rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=height, w=width)
 
 
@@ -170,12 +177,13 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A block whose layers take what they need: the timestep embedding, the text context, or neither."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                token_merging: TokenMerging | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, token_merging)
             else:
                 x = layer(x)
         return x
@@ -216,6 +224,7 @@ class UNetModel(nn.Module):
     """eps(x_t, t, context, control): the ControlledUnetModel, control added to skips and middle output.
 
     x and t at batch B, context and the result at batch kB (see `widen`); control residuals at either.
+    `token_merging` (off when None) merges in the transformers at x's own resolution (`token_merging`).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -240,13 +249,18 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1))
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control: list[torch.Tensor] | None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control: list[torch.Tensor] | None,
+        token_merging: TokenMerging | None = None,
     ) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+
+        def merging_at(h: torch.Tensor) -> TokenMerging | None:  # tomesd's max_downsample 1
+            return token_merging if h.shape[-2:] == x.shape[-2:] else None
+
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, merging_at(h))
             skips.append(h)
         h = widen(self.middle_block(h, emb, context), context.shape[0])
         if control is not None:
@@ -255,5 +269,5 @@ class UNetModel(nn.Module):
             skip = widen(skips.pop(), h.shape[0])
             if control is not None:
                 skip = skip + widen(control[-2 - j], h.shape[0])
-            h = block(torch.cat([h, skip], dim=1), emb, context)
+            h = block(torch.cat([h, skip], dim=1), emb, context, merging_at(h))
         return self.out(h)
