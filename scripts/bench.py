@@ -593,8 +593,11 @@ def tiny_latent_differences() -> dict[str, float]:
             pipe.step([sampling])
         return samplers.result(sampling.plan, sampling.state)
 
-    return {name: float((latents(fields) - latents(RECIPES[recipe_base(name)])).abs().mean())
-            for name, fields in RECIPES.items() if recipe_base(name) != name}
+    bases = {name: latents(fields) for name, fields in RECIPES.items() if recipe_base(name) == name}
+    differences = {f"{name} (its latents' mean abs: {float(bases[name].abs().mean()):.3g})": 0.0 for name in bases}
+    differences.update({name: float((latents(fields) - bases[recipe_base(name)]).abs().mean())
+                        for name, fields in RECIPES.items() if recipe_base(name) != name})
+    return differences
 
 
 def recipes(args: argparse.Namespace) -> None:
@@ -616,7 +619,7 @@ def recipes(args: argparse.Namespace) -> None:
                       f"{ratio(measured[recipe_base(name)]['whole'], whole)} |", flush=True)
             preview = preview_seconds(pipe, shape)
             step = measured["ddim 20"]["sampling"] / 20
-            print(f"\nlive preview at {shape.label} {precision}: {preview * 1000:.1f} ms = {100 * preview / step:.2f}% "
+            print(f"\nlive preview at {shape.label} {precision}: {preview * 1000:.2f} ms = {100 * preview / step:.3f}% "
                   f"of a ddim step ({step:.2f} s)\n", flush=True)
         del pipe
         gc.collect()
