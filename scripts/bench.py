@@ -538,10 +538,20 @@ TOKEN_MERGING_RATIO = 0.5  # tomesd's and AUTOMATIC1111's usual setting
 BASE_RECIPES = {"ddim 20": {"sampler": "ddim", "ddim_steps": 20}, "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10}}
 OPTIONS = {"guidance interval": {"guidance_interval": GUIDANCE_INTERVAL},
            f"token merging {TOKEN_MERGING_RATIO}": {"token_merging_ratio": TOKEN_MERGING_RATIO}}
+
+
+def with_options(bases: dict[str, dict], options: dict[str, dict]) -> dict[str, dict]:
+    """Each base recipe alone, with each option, and with all of them ("ddim 20, guidance interval")."""
+    combinations = [[], *([name] for name in options), list(options)]
+    recipes = {}
+    for base, fields in bases.items():
+        for chosen in combinations:
+            recipes[", ".join([base, *chosen])] = {**fields, **{k: v for name in chosen for k, v in options[name].items()}}
+    return recipes
+
+
 RECIPES = {  # whole images as users ask for them: the request fields besides the prompt and the photo
-    **{", ".join([base, *chosen]): {**fields, **{k: v for name in chosen for k, v in OPTIONS[name].items()}}
-       for base, fields in BASE_RECIPES.items()
-       for chosen in ([], *([name] for name in OPTIONS), list(OPTIONS))},
+    **with_options(BASE_RECIPES, OPTIONS),
     "lcm 4 at scale 1": {"sampler": "lcm", "ddim_steps": 4, "scale": 1.0},  # the LCM-LoRA recipe's evaluations
 }
 
@@ -578,9 +588,10 @@ def preview_seconds(pipe: ControlNetCannyPipeline, shape: Shape) -> float:
     return statistics.median(runs)
 
 
-def tiny_latent_differences() -> dict[str, float]:
-    """Per recipe variant, the mean abs difference of the tiny model's final latents (64x64, seed 1) from its
-    base recipe's: how far the option moves the result (evidence of an effect, not a quality measure)."""
+def tiny_latent_differences() -> tuple[dict[str, float], dict[str, float]]:
+    """Per base recipe, the mean abs of the tiny model's final latents (64x64, seed 1); per variant, their mean abs
+    difference from its base recipe's: how far the option moves the result (evidence of an effect, not a quality
+    measure)."""
     import cv2
 
     image = cv2.cvtColor(cv2.imread(str(ROOT / "tests" / "data" / "house.png")), cv2.COLOR_BGR2RGB)
@@ -594,10 +605,9 @@ def tiny_latent_differences() -> dict[str, float]:
         return samplers.result(sampling.plan, sampling.state)
 
     bases = {name: latents(fields) for name, fields in RECIPES.items() if recipe_base(name) == name}
-    differences = {f"{name} (its latents' mean abs: {float(bases[name].abs().mean()):.3g})": 0.0 for name in bases}
-    differences.update({name: float((latents(fields) - bases[recipe_base(name)]).abs().mean())
-                        for name, fields in RECIPES.items() if recipe_base(name) != name})
-    return differences
+    differences = {name: float((latents(fields) - bases[recipe_base(name)]).abs().mean())
+                   for name, fields in RECIPES.items() if recipe_base(name) != name}
+    return {name: float(base.abs().mean()) for name, base in bases.items()}, differences
 
 
 def recipes(args: argparse.Namespace) -> None:
@@ -623,8 +633,11 @@ def recipes(args: argparse.Namespace) -> None:
                   f"of a ddim step ({step:.2f} s)\n", flush=True)
         del pipe
         gc.collect()
-    print("tiny model, 64x64: mean abs difference of the final latents from the base recipe's:")
-    for name, difference in tiny_latent_differences().items():
+    magnitudes, differences = tiny_latent_differences()
+    print("tiny model, 64x64: mean abs of the base recipes' final latents, and of each variant's difference from them:")
+    for name, magnitude in magnitudes.items():
+        print(f"  {name}: {magnitude:.3g}")
+    for name, difference in differences.items():
         print(f"  {name}: {difference:.4f}")
 
 
