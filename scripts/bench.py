@@ -535,7 +535,8 @@ def service_overhead(url: str, key_file: Path, count: int) -> tuple[float, float
 # (sigma 11.0 to 5.1, and 0.23, 0.04) and the first 3 of dpmpp_2m's 10 (14.6 to 5.1).
 GUIDANCE_INTERVAL = (0.3, 5.0)
 TOKEN_MERGING_RATIO = 0.5  # tomesd's and AUTOMATIC1111's usual setting
-BASE_RECIPES = {"ddim 20": {"sampler": "ddim", "ddim_steps": 20}, "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10}}
+BASE_RECIPES = {"ddim 20": {"sampler": "ddim", "ddim_steps": 20},
+                "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10}}
 OPTIONS = {"guidance interval": {"guidance_interval": GUIDANCE_INTERVAL},
            f"token merging {TOKEN_MERGING_RATIO}": {"token_merging_ratio": TOKEN_MERGING_RATIO}}
 
@@ -546,7 +547,8 @@ def with_options(bases: dict[str, dict], options: dict[str, dict]) -> dict[str, 
     recipes = {}
     for base, fields in bases.items():
         for chosen in combinations:
-            recipes[", ".join([base, *chosen])] = {**fields, **{k: v for name in chosen for k, v in options[name].items()}}
+            chosen_fields = {key: value for name in chosen for key, value in options[name].items()}
+            recipes[", ".join([base, *chosen])] = {**fields, **chosen_fields}
     return recipes
 
 
