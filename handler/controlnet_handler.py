@@ -78,6 +78,8 @@ class ControlNetHandler:
             [model_dir / name for name in self.config.checkpoints], model_dir / self.config.model_config,
             device, self.config.precision, self.config.backend,
         )
+        if self.config.adapters:  # relative to the model directory, or absolute (a mounted volume)
+            self.pipeline.attach_adapters(model_dir / self.config.adapters, self.config.max_adapter_bytes)
         self.model_info = {
             "model": context.model_name,
             "model_version": (context.manifest or {}).get("model", {}).get("modelVersion"),
@@ -178,6 +180,9 @@ class ControlNetHandler:
                 self.cancels.post(request.request_id)
                 logger.info("cancel requested for request_id %s", request.request_id)
                 return serving.cancel_accepted_response(request.request_id)
+            if isinstance(request, serving.AdaptersRequest):
+                store = self.pipeline.adapters
+                return serving.adapters_response(None if store is None else store.listing())
             requests[index] = request
             if request.request_id is not None:
                 if self.cancels.take(request.request_id):  # cancelled before it reached a worker

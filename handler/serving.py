@@ -7,7 +7,7 @@ generation parameters of `controlnet_canny.params`, transport fields: `output` (
 header decides), `stream` (newline-delimited JSON progress events, then the result), `preview_every` (a stream's
 progress events carry a preview image every n steps), `request_id` (the client's
 name for the request, which a cancel call names) and `mode` (generate | edges: the edge map alone, no diffusion |
-cancel: stop the request of that request_id).
+cancel: stop the request of that request_id | adapters: the adapter store's listing).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from controlnet_canny.preprocess import checked_output_size, decode_control_map,
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
 IMAGE_FIELDS = ("image", "control_image", "init_image")
 TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "preview_every", "mode", "request_id")
-MODES = ("generate", "edges", "cancel")
+MODES = ("generate", "edges", "cancel", "adapters")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
 PREVIEW_JPEG_QUALITY = 80
@@ -73,6 +73,8 @@ class ServingConfig:
     max_image_bytes: int = 16 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_batch_samples: int = 12  # samples per model evaluation; bounds memory when held requests ask many
+    adapters: str = "adapters"  # the adapter store's directory (LoRAs, embeddings, TAESD); "": none
+    max_adapter_bytes: int = 2**31  # an adapter file's size cap
     limits: Limits = Limits()
     defaults: Mapping[str, Any] = field(default_factory=dict)  # request field defaults, e.g. image_resolution
     backend: BackendOptions = BackendOptions()
@@ -217,6 +219,11 @@ class Held:
 class CancelRequest:
     """mode=cancel: stop the request that the client named `request_id`."""
     request_id: str
+
+
+@dataclass(frozen=True)
+class AdaptersRequest:
+    """mode=adapters: the adapter store's listing."""
 
 
 @dataclass(frozen=True)
@@ -373,7 +380,7 @@ def _preview_every(value: Any, stream: bool, max_steps: int) -> int:
 
 
 def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any],
-                  config: ServingConfig) -> ServingRequest | CancelRequest:
+                  config: ServingConfig) -> ServingRequest | CancelRequest | AdaptersRequest:
     """One TorchServe request row to a validated request; every client mistake is a ParamError naming its field."""
     raw = request_fields(row, headers)
     unknown = sorted(set(raw) - set(GENERATION_FIELDS) - set(TRANSPORT_FIELDS))
@@ -389,6 +396,10 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any],
         if raw:
             raise ParamError(_echo(sorted(raw)[0]), "mode=cancel takes request_id alone")
         return CancelRequest(request_id)
+    if mode == "adapters":
+        if raw or request_id is not None:
+            raise ParamError(_echo(sorted(raw)[0]) if raw else "request_id", "mode=adapters takes no other field")
+        return AdaptersRequest()
     stream = as_bool("stream", raw.pop("stream", False))
     output = raw.pop("output", None)
     if output not in (None, *OUTPUT_TYPES):  # a tuple: JSON may send unhashable values
@@ -446,6 +457,7 @@ def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: in
         "init_image": digests.get("init_image"),
         "warnings": list(prepared.warnings),
         "control_fidelity": None if control_fidelity is None else [round(f, 4) for f in control_fidelity],
+        "adapters": prepared.adapters.record(),
         **model,
     }
 
@@ -487,6 +499,12 @@ def error_response(status: int, error: str, field_name: str | None) -> Response:
 
 def param_error_response(err: ParamError) -> Response:
     return error_response(err.status, str(err), err.field)
+
+
+def adapters_response(listing: Sequence[Mapping[str, Any]] | None) -> Response:
+    """The adapter store's files (name, kind, rank, vectors, size, sha256, error); null without a store."""
+    return Response(200, json.dumps({"adapters": None if listing is None else list(listing)}).encode(),
+                    OUTPUT_TYPES["json"])
 
 
 def cancel_accepted_response(request_id: str) -> Response:

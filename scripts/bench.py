@@ -20,6 +20,7 @@ other things (see their help).
   bench.py --shapes 1:1 4:3 --sizes 256 --precisions fp32 --steps 2
   bench.py --device cuda --compile                # GPU: fp16 and bf16, torch.compile
   bench.py --recipes --shapes 1:1 --sizes 512 --precisions bf16   # whole images: samplers and their options
+  bench.py --adapters --shapes 1:1 --sizes 512 --precisions bf16  # whole images with LCM-LoRA and TAESD, and diffusers
   bench.py --token-merging 0.5 --sizes 512 768 --shapes 1:1 --precisions bf16   # token merging on against off
   bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
            --checkpoint artifacts/tiny/control_tiny_canny.pth --sizes 64 128   # the tiny model: a smoke test
@@ -55,7 +56,7 @@ from controlnet_canny.config import CONFIG_DIR, ModelConfig, UNetConfig, load_co
 from controlnet_canny.model import ControlLDM  # noqa: E402
 from controlnet_canny.params import GenerationParams  # noqa: E402
 from controlnet_canny.pipeline import PRECISIONS, ControlNetCannyPipeline  # noqa: E402
-from controlnet_canny.preprocess import resize_image  # noqa: E402
+from controlnet_canny.preprocess import canny, resize_image  # noqa: E402
 
 FULL_CONFIG = CONFIG_DIR / "cldm_v15.yaml"
 TINY_CONFIG = CONFIG_DIR / "cldm_tiny.yaml"
@@ -568,6 +569,7 @@ def time_recipe(pipe: ControlNetCannyPipeline, shape: Shape, fields: dict) -> di
     its phases as the service reports them."""
     params = GenerationParams(prompt="a house", image_resolution=shape.resolution, seed=0, **fields)
     pipe._text_cache.clear()
+    pipe._lora_patches.clear()  # a whole image as the first request with its LoRAs: their patch built in it
     start = time.perf_counter()
     (result,) = pipe.generate([pipe.prepare(photo(shape.aspect), params)])
     return {"whole": time.perf_counter() - start, **result.seconds}
@@ -643,6 +645,151 @@ def recipes(args: argparse.Namespace) -> None:
         print(f"  {name}: {difference:.4f}")
 
 
+# ---------------------------------------------------------------------------------------- adapters (LoRA, TAESD)
+
+LCM_LORA = "lcm-lora-sdv1-5"  # the file's stem in the bench's adapter store, as users name it
+LCM_LORA_RANK = 64  # latent-consistency/lcm-lora-sdv1-5's rank
+ADAPTER_STORE = SYNTHETIC_CHECKPOINT.parent / "adapters"
+DIFFUSERS_TAESD = SYNTHETIC_CHECKPOINT.parent / "taesd-diffusers"
+ADAPTER_RECIPES = {  # the request fields besides the prompt and the photo
+    "ddim 20 (default)": {},
+    "dpmpp_2m 10": {"sampler": "dpmpp_2m", "ddim_steps": 10},
+    "lcm 4 at scale 1, LCM-LoRA": {"sampler": "lcm", "ddim_steps": 4, "scale": 1.0, "loras": ((LCM_LORA, 1.0),)},
+    "lcm 4 at scale 1, LCM-LoRA, TAESD": {"sampler": "lcm", "ddim_steps": 4, "scale": 1.0, "loras": ((LCM_LORA, 1.0),),
+                                          "vae": "taesd"},
+}
+
+
+def write_adapter_store(config: ModelConfig) -> None:
+    """Once: a rank-64 LoRA of the whole UNet and text encoder in the LCM-LoRA file's layout (kohya keys, diffusers
+    block names, LoCon convolutions), madebyollin's TAESD files in the store and a diffusers-layout copy beside."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_adapters import write_lora, write_taesd
+
+    lora = ADAPTER_STORE / "loras" / f"{LCM_LORA}.safetensors"
+    if not lora.exists():
+        log(f"writing a rank-{LCM_LORA_RANK} LoRA in the LCM-LoRA layout to {lora} (once) ...")
+        write_lora(lora, config, "kohya", rank=LCM_LORA_RANK, seed=0)
+    if not (ADAPTER_STORE / "taesd").is_dir():
+        write_taesd(ADAPTER_STORE / "taesd", "madebyollin", seed=0)
+    if not DIFFUSERS_TAESD.is_dir():
+        write_taesd(DIFFUSERS_TAESD, "diffusers", seed=0)
+
+
+def diffusers_pipeline(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """diffusers' StableDiffusionControlNetPipeline of SD 1.5's dimensions (random weights), its CLIP tokenizer
+    built offline from open_clip's BPE file as tests/test_tokenizer.py builds it."""
+    import gzip
+    import json
+    import tempfile
+
+    from diffusers import AutoencoderKL, StableDiffusionControlNetPipeline
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(directory) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = CLIPTokenizer.from_pretrained(directory, pad_token="<|endoftext|>")
+    unet, controlnet = diffusers_models(cfg, dtype, device)
+    vae_cfg = cfg.vae
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=vae_cfg.z_channels,
+                        down_block_types=["DownEncoderBlock2D"] * len(vae_cfg.ch_mult),
+                        up_block_types=["UpDecoderBlock2D"] * len(vae_cfg.ch_mult),
+                        block_out_channels=[vae_cfg.ch * m for m in vae_cfg.ch_mult],
+                        layers_per_block=vae_cfg.num_res_blocks, scaling_factor=cfg.schedule.scale_factor)
+    text = cfg.text
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=text.intermediate,
+        num_hidden_layers=text.layers, num_attention_heads=text.heads, max_position_embeddings=text.context_length,
+        hidden_act="quick_gelu"))
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+        scheduler=diffusers_scheduler("ddim"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def diffusers_scheduler(sampler: str):
+    """The scheduler of each of our samplers, configured as SD 1.5's scheduler config has it."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+    sd15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                steps_offset=1)
+    if sampler == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **sd15)
+    if sampler == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **sd15)
+    return LCMScheduler(clip_sample=False, set_alpha_to_one=False, **sd15)
+
+
+def time_diffusers_recipe(pipe, shape: Shape, fields: dict, device: torch.device) -> float:
+    """Seconds of one whole image from diffusers' pipeline: canny on the resized photo, text encoding, the
+    steps, the decode (to a numpy array)."""
+    from PIL import Image
+
+    params = GenerationParams(prompt="a house", image_resolution=shape.resolution, seed=0,
+                              **{k: v for k, v in fields.items() if k not in ("loras", "vae")})
+    pipe.scheduler = diffusers_scheduler(params.sampler)
+    start = time.perf_counter()
+    resized = resize_image(photo(shape.aspect), shape.resolution)
+    edges = canny(resized, params.low_threshold, params.high_threshold)
+    pipe(params.prompt + ", " + params.a_prompt, image=Image.fromarray(np.stack([edges] * 3, axis=-1)),
+         height=shape.height, width=shape.width, num_inference_steps=params.ddim_steps,
+         guidance_scale=params.scale, negative_prompt=params.n_prompt,
+         generator=torch.Generator().manual_seed(0), output_type="np")
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def adapter_recipes(args: argparse.Namespace) -> None:
+    """Whole images of ADAPTER_RECIPES, ours (the adapter store through the real path) and diffusers' in turn."""
+    from diffusers import AutoencoderTiny
+
+    cfg = load_config(args.config)
+    write_adapter_store(cfg)
+    shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
+    print(machine_header(args.device))
+    print("| recipe | shape (HxW) | dtype | ours s/image | ours decoding s | diffusers s/image | ours vs diffusers | "
+          "ours vs ours default |")
+    print("|---|---|---|---|---|---|---|---|")
+    for precision in args.precisions:
+        dtype = PRECISIONS[precision]
+        pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision,
+                                            adapters=ADAPTER_STORE)
+        log(f"{precision}: backend {backend_summary(pipe)}")
+        reference = None if args.no_diffusers else diffusers_pipeline(cfg, dtype, args.device)
+        lora_loaded = False
+        for shape in shapes:
+            default = None
+            for name, fields in ADAPTER_RECIPES.items():
+                ours = time_recipe(pipe, shape, fields)
+                default = default or ours["whole"]
+                theirs = math.nan
+                if reference is not None:
+                    if fields.get("loras") and not lora_loaded:
+                        reference.load_lora_weights(str(ADAPTER_STORE / "loras"), weight_name=f"{LCM_LORA}.safetensors",
+                                                    adapter_name="lcm")
+                        reference.fuse_lora()  # diffusers' faster way for a LoRA kept on: no low-rank paths per step
+                        lora_loaded = True
+                    full_vae = reference.vae
+                    if fields.get("vae") == "taesd":
+                        reference.vae = AutoencoderTiny.from_pretrained(DIFFUSERS_TAESD).to(args.device, dtype)
+                    theirs = time_diffusers_recipe(reference, shape, fields, args.device)
+                    reference.vae = full_vae
+                print(f"| {name} | {shape.label} | {precision} | {ours['whole']:.1f} | {ours['decoding']:.2f} | "
+                      f"{seconds(theirs)} | {ratio(theirs, ours['whole'])} | {ratio(default, ours['whole'])} |",
+                      flush=True)
+        del pipe, reference
+        gc.collect()
+
+
 def drift(device: torch.device) -> dict[str, tuple[float, float]]:
     """Max and mean abs difference (uint8 levels) between the tiny model's images on CPU in fp32 and in each
     other precision the device runs (on a GPU fp32 too), per setting."""
@@ -708,6 +855,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--whole-image", action="store_true", help="also time whole 20-step requests of ours")
     parser.add_argument("--recipes", action="store_true", help="only time whole images of each of RECIPES (ours), "
                         "with the cost of a live preview and the tiny model's latent difference of each option")
+    parser.add_argument("--adapters", action="store_true", help="only time whole images with LCM-LoRA and TAESD from "
+                        "an adapter store beside today's default and dpmpp_2m, ours and diffusers' in turn")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--no-plain", action="store_true", help="skip ours with every backend lever off "
                         "(prepack none, winograd none, torch attention)")
@@ -766,6 +915,9 @@ def main() -> None:
         write_synthetic_checkpoint(SYNTHETIC_CHECKPOINT)
     if args.recipes:
         recipes(args)
+        return
+    if args.adapters:
+        adapter_recipes(args)
         return
 
     device, cfg = args.device, load_config(args.config)

@@ -115,14 +115,21 @@ def main(argv: list[str] | None = None) -> None:
         build_archive(args, config)
         return
     export_dir = args.export_path / args.model_name
-    if export_dir.exists():
-        if not (export_dir / "MAR-INF" / "MANIFEST.json").is_file():
-            sys.exit(f"error: {export_dir} exists and is not a model directory; not replacing it")
-        shutil.rmtree(export_dir)
+    store = config["handler"].get("adapters") or ""
+    kept_store = export_dir / store if store and not Path(store).is_absolute() else None
     args.export_path.mkdir(parents=True, exist_ok=True)
-
-    with tempfile.TemporaryDirectory(prefix="build_mar_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".build_mar_", dir=args.export_path) as tmp:
+        if export_dir.exists():
+            if not (export_dir / "MAR-INF" / "MANIFEST.json").is_file():
+                sys.exit(f"error: {export_dir} exists and is not a model directory; not replacing it")
+            if kept_store is not None and kept_store.is_dir():  # the operator's adapters outlive a rebuild
+                kept_store.rename(Path(tmp) / "adapters")
+            shutil.rmtree(export_dir)
         archive(args, config, Path(tmp), "no-archive")
+        if (Path(tmp) / "adapters").is_dir():
+            kept_store.parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / "adapters").rename(kept_store)
+            print(f"adapter store kept: {kept_store}")
     for checkpoint in args.checkpoint:
         how = place_checkpoint(checkpoint, export_dir / checkpoint.name)
         print(f"{checkpoint} -> {export_dir / checkpoint.name}: {how}")

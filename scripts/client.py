@@ -4,6 +4,7 @@
   client.py ping                                            exit 0 when TorchServe answers /ping Healthy
   client.py ready                                           exit 0 when the model has a worker READY
   client.py describe                                        the management API's description of the model (JSON)
+  client.py adapters                                        the adapter store's files: name, kind, rank, size, sha256
   client.py scale-workers 2                                 the model's workers set to 2, waiting until they run
   client.py generate --image in.png --prompt "a house" --out result/
       streams progress (a bar per DDIM step) and saves sample_00.png..., edge_map.png, params.json;
@@ -11,7 +12,7 @@
   client.py sweep --image in.png --out dataset/ --prompt "a house" "a barn" --seed 0:9:1 --strength 0.5:1.5:0.5
       runs the grid (every combination) with bounded concurrency, writes the images and manifest.jsonl
       (one row per image: every parameter, its own seed and control_fidelity); run it again to resume:
-      items already in the manifest are skipped.
+      items already in the manifest are skipped. --lora NAME=0:1:0.25 makes a LoRA's weight an axis too.
 
 Numeric grid values are numbers or inclusive ranges START:STOP:STEP. Other request fields go in
 --param NAME=VALUE (e.g. --param ddim_steps=30). The API key is read from TorchServe's key_file.json.
@@ -124,9 +125,28 @@ def save_result(result: dict, out: Path) -> list[Path]:
     return written
 
 
+def lora_field(fixed: str | None, weights: list[tuple[str, float]]) -> str:
+    """The loras field as text: the fixed --param loras=... entries, then NAME:WEIGHT for each --lora."""
+    return ",".join(([fixed] if fixed else []) + [f"{name}:{weight:g}" for name, weight in weights])
+
+
+def lora_option(text: str) -> tuple[str, str]:
+    """--lora NAME=VALUE(S)."""
+    name, separator, values = text.rpartition("=")
+    if not separator or not name or not values:
+        sys.exit(f"error: --lora {text!r}: expected NAME=WEIGHT (or NAME=START:STOP:STEP in a sweep)")
+    return name, values
+
+
 def generate(client: Client, args: argparse.Namespace) -> None:
     request_id = new_request_id()
     fields = {**parse_params(args.param), "prompt": args.prompt, "stream": True, "request_id": request_id}
+    if args.lora:
+        try:
+            weights = [(name, float(value)) for name, value in map(lora_option, args.lora)]
+        except ValueError as err:
+            sys.exit(f"error: --lora: {err}")
+        fields["loras"] = lora_field(fields.get("loras"), weights)
     if args.edges:
         fields["mode"] = "edges"
     if args.preview_every:
@@ -204,13 +224,25 @@ def grid(args: argparse.Namespace) -> list[dict]:
             except ValueError as err:
                 sys.exit(f"error: --{option.replace('_', '-')}: {err}")
             axes.append([(field, value) for value in expanded])
+    for name, values in map(lora_option, args.lora):
+        try:
+            axes.append([("lora", (name, weight)) for weight in numbers(values, float)])
+        except ValueError as err:
+            sys.exit(f"error: --lora {name}={values}: {err}")
     fixed = parse_params(args.param)
     try:
         samples = int(fixed.get("num_samples", 1))
     except ValueError:
         sys.exit(f"error: --param num_samples={fixed['num_samples']!r}: not an integer")
     axes = [request_seeds(axis, samples) if axis and axis[0][0] == "seed" else axis for axis in axes]
-    return [{**fixed, **dict(combination)} for combination in itertools.product(*axes)]
+    items = []
+    for combination in itertools.product(*axes):
+        fields = {**fixed, **{field: value for field, value in combination if field != "lora"}}
+        weights = [value for field, value in combination if field == "lora"]
+        if weights:
+            fields["loras"] = lora_field(fixed.get("loras"), weights)
+        items.append(fields)
+    return items
 
 
 def request_seeds(axis: list[tuple[str, int]], samples: int) -> list[tuple[str, int]]:
@@ -330,6 +362,14 @@ def _collect(futures: dict, rows, bar, args: argparse.Namespace, images: dict[st
     return failures
 
 
+def adapters(client: Client, args: argparse.Namespace) -> None:
+    response = client.session.post(f"{client.url}/predictions/{client.model}", headers=client.headers,
+                                   json={"mode": "adapters"}, timeout=60)
+    if response.status_code != 200:
+        fail(response)
+    print(json.dumps(response.json()["adapters"], indent=2))
+
+
 def read_key(key_file: Path, kind: str) -> str:
     """kind: inference (port 8080) or management (port 8081)."""
     try:
@@ -393,6 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands.add_parser("ping", help="exit 0 when TorchServe answers /ping Healthy")
     commands.add_parser("ready", help="exit 0 when the model has a worker READY (needs the management key)")
     commands.add_parser("describe", help="the model's description by the management API: workers, batching")
+    commands.add_parser("adapters", help="the adapter store's files: name, kind, rank, size, sha256 (or their error)")
     scale = commands.add_parser("scale-workers", help="set the model's worker count, waiting until they run")
     scale.add_argument("workers", type=int, help="minimum and maximum workers (0 stops the model's workers)")
     scale.add_argument("--timeout", type=float, default=900,
@@ -403,6 +444,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     one.add_argument("--prompt", required=True)
     one.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     one.add_argument("--edges", action="store_true", help="the edge map only (no diffusion)")
+    one.add_argument("--lora", action="append", default=[], metavar="NAME=WEIGHT",
+                     help="a LoRA of the server's adapter store (repeat for more)")
     one.add_argument("--preview-every", type=int, default=0, metavar="N",
                      help="a preview every N steps, written to OUT/previews/step_NN.jpg as it arrives")
     one.add_argument("--out", type=Path, default=Path("result"))
@@ -412,6 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     many.add_argument("--out", type=Path, required=True)
     for option, (_, kind) in GRID_AXES.items():
         many.add_argument("--" + option.replace("_", "-"), nargs="+", metavar="VALUE" if kind is str else "N|A:B:STEP")
+    many.add_argument("--lora", action="append", default=[], metavar="NAME=N|A:B:STEP",
+                      help="a LoRA whose weight is an axis of the grid (repeat for more)")
     many.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fixed for every item")
     many.add_argument("--concurrency", type=int, default=2, help="requests in flight at once")
     args = parser.parse_args(argv)
@@ -438,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0 if client.ping() else 1)
         except requests.RequestException:
             sys.exit(1)
-    {"generate": generate, "sweep": sweep}[args.command](client, args)
+    {"generate": generate, "sweep": sweep, "adapters": adapters}[args.command](client, args)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", action="append", default=[], metavar="KEY=VALUE",
                         help="CPU speed levers as in model-config.yaml's handler.backend, e.g. prepack=none")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
+    parser.add_argument("--adapters", type=Path,
+                        help="an adapter store: a directory with loras/, embeddings/ and taesd/ (README, Adapters)")
     defaults = GenerationParams(prompt="")
     for f in fields(GenerationParams):
         flag = "--" + f.name.replace("_", "-")
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.add_argument(flag, choices=CHOICES[f.name], default=getattr(defaults, f.name))
         elif f.name == "guidance_interval":
             parser.add_argument(flag, metavar="LOW,HIGH", help="guidance only at steps whose sigma is in (LOW, HIGH]")
+        elif f.name == "loras":
+            parser.add_argument(flag, action="append", default=[], metavar="NAME:WEIGHT",
+                                help="a LoRA of the --adapters store (repeat for more; or <lora:NAME:WEIGHT> in the prompt)")
         else:
             parser.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=getattr(defaults, f.name))
     return parser.parse_args(argv)
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     try:
         backend = BackendOptions.from_mapping(dict(option.partition("=")[::2] for option in args.backend))
-        pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision, backend)
+        pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision, backend,
+                                                args.adapters)
     except (ValueError, OSError) as err:  # a checkpoint, configuration or backend mistake: the message names it
         sys.exit(f"error: {err}")
     try:

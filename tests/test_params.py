@@ -45,6 +45,8 @@ def test_defaults_are_the_reference_demos():
         "long_prompt": False,
         "guidance_interval": None,
         "token_merging_ratio": 0.0,
+        "loras": [],
+        "vae": "full",
     }
 
 
@@ -293,3 +295,43 @@ def test_lcm_sampler():
     assert (params.sampler, params.ddim_steps, params.scale) == ("lcm", 4, 1.0)
     error = _error({"prompt": "p", "sampler": "lcm", "karras": "true"})
     assert error.field == "karras" and "lcm" in error.message
+
+
+def test_loras_field_and_prompt_tags():
+    params = parse_params({"prompt": "a house <lora:lcm:0.5>, <lora:style>", "loras": ["detail:-0.3", ["x y", 2]]})
+    assert params.prompt == "a house , "  # the tags go, as AUTOMATIC1111 takes them out
+    assert params.loras == (("detail", -0.3), ("x y", 2.0), ("lcm", 0.5), ("style", 1.0))
+    assert params.to_dict()["loras"] == ["detail:-0.3", "x y:2", "lcm:0.5", "style:1"]
+    # the recorded parameters give the same request back (no tag applied twice)
+    assert parse_params(params.to_dict()) == params
+    # form fields: repeated (a list), or one text with commas
+    assert parse_params({"prompt": "p", "loras": "a:1, b:0.25"}).loras == (("a", 1.0), ("b", 0.25))
+    assert parse_params({"prompt": "p", "loras": ["a:1", "b"]}).loras == (("a", 1.0), ("b", 1.0))
+    assert parse_params({"prompt": "p", "loras": ""}).loras == ()
+
+
+@pytest.mark.parametrize("raw, field, words", [
+    ({"loras": "a:4.5"}, "loras", ["a", "-4", "4", "4.5"]),
+    ({"loras": "a:nan"}, "loras", ["finite"]),
+    ({"loras": "../secrets:1"}, "loras", ["'../secrets'", "name"]),
+    ({"loras": [3]}, "loras", ["name:weight"]),
+    ({"loras": {"a": 1}}, "loras", ["list"]),
+    ({"loras": ",".join(f"l{i}" for i in range(9))}, "loras", ["9", "at most 8"]),
+    ({"loras": "a", "prompt": "p <lora:a:0.5>"}, "loras", ["a", "more than once"]),
+    ({"prompt": "p <lora:a:b:c>"}, "prompt", ["number", "b:c"]),
+    ({"prompt": "p <lora:a:9>"}, "prompt", ["between"]),
+    ({"n_prompt": "<lora:a>"}, "n_prompt", ["prompt only"]),
+    ({"vae": "tiny"}, "vae", ["full", "taesd"]),
+])
+def test_lora_and_vae_mistakes_name_the_field(raw, field, words):
+    error = _error({"prompt": "p", **raw})
+    assert error.field == field
+    for word in words:
+        assert word in error.message
+
+
+def test_lora_limits_from_configuration():
+    limits = Limits.from_mapping({"lora_weight": [0, 1], "loras": 1})
+    assert _error({"prompt": "p", "loras": "a:1.5"}, limits).field == "loras"
+    assert _error({"prompt": "p", "loras": "a,b"}, limits).field == "loras"
+    assert parse_params({"prompt": "p <lora:a:0.5>"}, limits).loras == (("a", 0.5),)

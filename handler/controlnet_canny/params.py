@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -17,6 +18,10 @@ DEFAULT_N_PROMPT = (
 )
 MAX_SEED = 2**31 - 1
 CONTROL_MODES = ("balanced", "prompt", "control")
+VAES = ("full", "taesd")
+# AUTOMATIC1111's extra-network syntax for a LoRA in the prompt: <lora:name> or <lora:name:weight>
+LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ ()+-]{0,127}")
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 
 
@@ -58,6 +63,10 @@ class GenerationParams:
     # (low, high] in sigma: the unconditional pass runs only at steps whose sigma lies inside; None: at every step
     guidance_interval: tuple[float, float] | None = None
     token_merging_ratio: float = 0.0  # tomesd's ratio (controlnet_canny.token_merging); 0: off
+    # LoRAs of the adapter store by name, with their weights: the `loras` field and the prompt's <lora:name:w> tags
+    # (taken out of the prompt), in order
+    loras: tuple[tuple[str, float], ...] = ()
+    vae: str = "full"  # full: the checkpoint's VAE; taesd: the adapter store's tiny autoencoder
 
     @property
     def effective_control_mode(self) -> str:
@@ -72,6 +81,7 @@ class GenerationParams:
         values = asdict(self)
         if self.guidance_interval is not None:  # a list: YAML's safe dumper and JSON write no tuples alike
             values["guidance_interval"] = list(self.guidance_interval)
+        values["loras"] = [f"{name}:{weight:g}" for name, weight in self.loras]  # as the field takes them
         return values
 
 
@@ -99,6 +109,8 @@ class Limits:
     guidance_end: tuple[float, float] = (0.0, 1.0)
     denoising_strength: tuple[float, float] = (0.0, 1.0)
     token_merging_ratio: tuple[float, float] = (0.0, MAX_MERGING_RATIO)
+    lora_weight: tuple[float, float] = (-4.0, 4.0)
+    loras: int = 8  # LoRAs per request
 
     @classmethod
     def from_mapping(cls, overrides: Mapping[str, Any]) -> Limits:
@@ -109,9 +121,9 @@ class Limits:
         return replace(cls(), **{k: v if k in _SCALAR_LIMITS else tuple(v) for k, v in overrides.items()})
 
 
-_SCALAR_LIMITS = ("prompt_chars", "output_pixels", "work")
+_SCALAR_LIMITS = ("prompt_chars", "output_pixels", "work", "loras")
 _TEXT_FIELDS = ("prompt", "a_prompt", "n_prompt")
-CHOICES = {"sampler": SAMPLERS, "control_mode": CONTROL_MODES, "resize_mode": RESIZE_MODES}
+CHOICES = {"sampler": SAMPLERS, "control_mode": CONTROL_MODES, "resize_mode": RESIZE_MODES, "vae": VAES}
 _SIZE_FIELDS = ("width", "height")  # 0 (the reference's size) or within the image_resolution limits
 _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -155,6 +167,48 @@ def _as_interval(field: str, value: Any) -> tuple[float, float] | None:
     if not 0 <= low < high:
         raise ParamError(field, f"must have 0 <= low < high, got low {low}, high {high}")
     return low, high
+
+
+def _lora_entry(field: str, entry: Any, limits: Limits) -> tuple[str, float]:
+    """One LoRA: "name:weight" or "name" (weight 1), as text; a [name, weight] pair in JSON."""
+    if isinstance(entry, str):
+        name, separator, weight = entry.strip().rpartition(":")
+        name, weight = (name, weight) if separator else (weight, 1.0)
+    elif isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str):
+        name, weight = entry
+    else:
+        raise ParamError(field, f"entries are \"name:weight\" text or [name, weight] pairs, got {entry!r:.40}")
+    name = name.strip()
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ParamError(field, f"{name[:40]!r} is not an adapter name (a file's stem: letters, digits, space . _ ( ) + -)")
+    value = _as_float(field, weight)
+    low, high = limits.lora_weight
+    if not low <= value <= high:
+        raise ParamError(field, f"{name}: the weight must be between {low:g} and {high:g}, got {value:g}")
+    return name, value
+
+
+def _as_loras(field: str, value: Any, limits: Limits) -> tuple[tuple[str, float], ...]:
+    """A JSON list of entries, repeated form fields (a list), or one text of entries separated by commas."""
+    if isinstance(value, str):
+        entries = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        entries = [part for item in value for part in (item.split(",") if isinstance(item, str) else [item])
+                   if not isinstance(part, str) or part.strip()]
+    else:
+        raise ParamError(field, f"must be a list of \"name:weight\" entries, got {type(value).__name__}")
+    if len(entries) > limits.loras:
+        raise ParamError(field, f"{len(entries)} LoRAs; at most {limits.loras} per request")
+    return tuple(_lora_entry(field, entry, limits) for entry in entries)
+
+
+def _prompt_loras(prompt: str, limits: Limits) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """The prompt without its <lora:name:weight> tags (AUTOMATIC1111's syntax), and those LoRAs in order."""
+    tags = LORA_TAG.findall(prompt)
+    if len(tags) > limits.loras:
+        raise ParamError("prompt", f"{len(tags)} <lora:...> tags; at most {limits.loras} per request")
+    loras = tuple(_lora_entry("prompt", [name, weight or 1.0], limits) for name, weight in tags)
+    return LORA_TAG.sub("", prompt), loras
 
 
 def as_bool(field: str, value: Any) -> bool:
@@ -201,6 +255,9 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
         if name == "guidance_interval":
             values[name] = _as_interval(name, value)
             continue
+        if name == "loras":
+            values[name] = _as_loras(name, value, limits)
+            continue
         parsed = {"int": as_int, "float": _as_float, "bool": as_bool}[kind](name, value)
         if kind != "bool":
             low, high = getattr(limits, "image_resolution" if name in _SIZE_FIELDS else name)
@@ -210,6 +267,13 @@ def parse_params(raw: Mapping[str, Any], limits: Limits = Limits(), resolution_s
             if not low <= parsed <= high:
                 raise ParamError(name, f"must be between {low} and {high}, got {parsed}")
         values[name] = parsed
+    values["prompt"], tagged = _prompt_loras(values["prompt"], limits)
+    for name in ("a_prompt", "n_prompt"):
+        if LORA_TAG.search(values.get(name, "")):
+            raise ParamError(name, "<lora:...> tags apply from the prompt only")
+    values["loras"] = values.get("loras", ()) + tagged
+    if len(values["loras"]) > limits.loras:
+        raise ParamError("loras", f"{len(values['loras'])} LoRAs with the prompt's tags; at most {limits.loras} per request")
     params = GenerationParams(**values)
     if params.image_resolution % resolution_step:
         raise ParamError("image_resolution", f"must be a multiple of {resolution_step}, got {params.image_resolution}")
@@ -242,5 +306,9 @@ def _check_combinations(params: GenerationParams, resolution_step: int) -> None:
                                          f"got {params.guidance_end}")
     if params.karras and params.sampler not in KARRAS_SAMPLERS:
         raise ParamError("karras", f"applies to the samplers {', '.join(KARRAS_SAMPLERS)}, not to {params.sampler}")
+    names = [name for name, _ in params.loras]
+    if len(names) > len(set(names)):
+        repeated = next(name for name in names if names.count(name) > 1)
+        raise ParamError("loras", f"{repeated} is given more than once (the loras field and the prompt's tags together)")
     if params.guess_mode and params.control_mode == "prompt":
         raise ParamError("guess_mode", "is control_mode=control, which contradicts control_mode=prompt")

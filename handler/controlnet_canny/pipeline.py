@@ -9,25 +9,32 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import ddim, samplers
+from .adapters import AdapterFile, AdapterStore, Readers
+from .adapter_files import AdapterError
 from .backends import Backend, BackendOptions, select
 from .backends.cpu import has_native_bf16, slowdown_of_emulated_bf16
 from .checkpoint import load_weights
+from .embeddings import read_embedding
 from .config import CONFIG_DIR, ModelConfig, load_config
 from .model import ControlLDM
 from .ddim import StepCallback
 from .fidelity import control_fidelity
+from .lora import LoRAPatch, lora_targets, read_lora
 from .params import GenerationParams, ParamError
 from .preprocess import MAX_ASPECT, canny, fit, fitted_edges, output_size, resize_image
 from .previews import latent_rgb, preview_grid
-from .text_encoder import is_truncated, match_lengths, token_count
+from .taesd import read_taesd
+from .text_encoder import embeddings_used, is_truncated, match_lengths, token_count
 from .token_merging import TokenMerging
 from .unet import widen
 from .vae import VAEEncoder, load_encoder, to_unit_range
@@ -36,6 +43,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 GUESS_MODE_DECAY = 0.825
 TEXT_CACHE_SIZE = 64
+LORA_PATCH_CACHE_SIZE = 4  # LoRA combinations kept ready in the serving dtype (least recently used dropped first)
 # The backend measures its levers on the shapes of outputs this short side gives in these aspect ratios (height,
 # width): the service's smallest images, square, landscape and portrait, as users send them.
 CALIBRATION_RESOLUTION = 256
@@ -74,6 +82,33 @@ def control_scales(strength: float, soft: bool, count: int = 13) -> list[float]:
 
 
 @dataclass(frozen=True)
+class RequestAdapters:
+    """The adapters of one request, resolved in the store when it was prepared (a file changed later does not
+    change a request in flight)."""
+    loras: tuple[tuple[object, float, AdapterFile], ...] = ()  # (lora.LoRA, weight, its file)
+    embeddings: dict = field(default_factory=dict)  # name -> embeddings.Embedding: every usable one of the store
+    used_embeddings: tuple[AdapterFile, ...] = ()  # those the request's prompts use
+    taesd: object = None  # taesd.TinyAutoencoder when vae=taesd
+    taesd_files: tuple[AdapterFile, ...] = ()
+
+    def lora_key(self, part: str) -> tuple:
+        """What identifies the LoRAs acting on `part` (unet | text): equal keys, equal weights there."""
+        return tuple((info.sha256, weight) for lora, weight, info in self.loras
+                     if getattr(lora, f"touches_{'unet' if part == 'unet' else 'text_encoder'}"))
+
+    def record(self) -> dict:
+        """What a result reports of them: each file by name and sha256, so that it can be reproduced."""
+        return {
+            "loras": [{"name": info.name, "weight": weight, "sha256": info.sha256} for _, weight, info in self.loras],
+            "embeddings": [{"name": info.name, "sha256": info.sha256} for info in self.used_embeddings],
+            "taesd": [{"file": info.file, "sha256": info.sha256} for info in self.taesd_files],
+        }
+
+
+NO_ADAPTERS = RequestAdapters()
+
+
+@dataclass(frozen=True)
 class Prepared:
     """One request after preprocessing: seed resolved, image resized, edges detected (or the client's map)."""
     params: GenerationParams
@@ -81,6 +116,7 @@ class Prepared:
     edge_map: np.ndarray  # (H, W) or (H, W, 3) uint8: exactly what conditions the model (white edges for canny)
     init_image: np.ndarray | None = None  # (H, W, 3) uint8, img2img's start, resized to the output
     warnings: tuple[str, ...] = ()
+    adapters: RequestAdapters = NO_ADAPTERS
 
     @property
     def seeds(self) -> list[int]:
@@ -137,6 +173,7 @@ class Sampling:
     # token_merging_ratio > 0: per sample, the CPU generator (seed + i) of its token merging's places, apart from
     # the noise's generator so that the noise's draws stay as documented
     merging_generators: list[torch.Generator] | None = None
+    unet_loras: LoRAPatch | None = None  # the request's LoRAs on the UNet, applied to the evaluations it joins
 
     @property
     def total(self) -> int:
@@ -156,7 +193,8 @@ class Sampling:
         prompts: each row has its own x, t and conditioning."""
         c, guided = self.conditioning, self.guided_steps[self.done]
         return (tuple(self.noise.shape[-2:]), c.cond.shape[1], guided, c.control_mode == "control" and guided,
-                self.control_steps[self.done], self.prepared.params.token_merging_ratio)
+                self.control_steps[self.done], self.prepared.params.token_merging_ratio,
+                self.prepared.adapters.lora_key("unet"))
 
     @property
     def preview_due(self) -> bool:
@@ -215,8 +253,10 @@ class ControlNetCannyPipeline:
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.checkpoints: list[Path] = []  # `load` sets them: img2img reads the VAE encoder from them when needed
         self._encoder: VAEEncoder | None = None
-        # latents -> (N, h, w, 3) uint8 for live previews; the latent-to-RGB approximation needs no weights
-        self.preview_decoder: Callable[[torch.Tensor], np.ndarray] = latent_rgb
+        # the layers a LoRA may patch, read before the backend swaps any for its twins
+        self.lora_targets = lora_targets(self.model)
+        self.adapters: AdapterStore | None = None  # `attach_adapters`
+        self._lora_patches: OrderedDict[tuple, LoRAPatch] = OrderedDict()
         self.backend: Backend = select(device, dtype, backend_options)
         factor = config.latent_factor
         latent_sizes = [(h // factor, w // factor)
@@ -236,7 +276,9 @@ class ControlNetCannyPipeline:
         device: str | torch.device | None = None,
         precision: str = "auto",
         backend_options: BackendOptions = BackendOptions(),
+        adapters: str | Path | None = None,
     ) -> ControlNetCannyPipeline:
+        """`adapters`: the adapter store's directory (`attach_adapters`); None: no adapters."""
         device = torch.device(device) if device is not None else default_device()
         dtype = PRECISIONS[resolve_precision(precision, device)]
         cfg = load_config(config)
@@ -245,7 +287,20 @@ class ControlNetCannyPipeline:
         load_weights(model, list(checkpoints), device, dtype)
         pipeline = cls(model, cfg, device, dtype, backend_options)
         pipeline.checkpoints = [Path(c) for c in checkpoints]
+        if adapters is not None:
+            pipeline.attach_adapters(Path(adapters))
         return pipeline
+
+    def attach_adapters(self, root: Path, max_file_bytes: int = 2**31) -> AdapterStore:
+        """The adapter store at `root` (`adapters`), its files checked against this model as they are read."""
+        def taesd(files):
+            return read_taesd(files).to(self.device, self.dtype)
+
+        readers = Readers(lora=lambda path: read_lora(path, self.lora_targets, self.config.unet),
+                          embedding=lambda path: read_embedding(path, self.config.text.width), taesd=taesd)
+        self.adapters = AdapterStore(root, readers, max_file_bytes)
+        self.adapters.refresh(force=True)
+        return self.adapters
 
     def _probe(self, latent_size: tuple[int, int]) -> None:
         """The text encoder and one guided step of a one-sample request at this latent size, as `generate` runs
@@ -287,7 +342,35 @@ class ControlNetCannyPipeline:
             edges = fit(control_image, height, width, mode if params.width else "just_resize", is_map=True)
         init = fit(init_image, height, width, mode) if init_image is not None else None
         self._check_plan(params, init is not None)
-        return Prepared(params, resized, edges, init, self._prompt_warnings(params))
+        adapters = self._resolve_adapters(params)
+        return Prepared(params, resized, edges, init, self._prompt_warnings(params, adapters.embeddings), adapters)
+
+    def _resolve_adapters(self, params: GenerationParams) -> RequestAdapters:
+        """The request's LoRAs, the store's embeddings and the TAESD it asks for, from the store as it is now; a
+        name the store lacks is the client's mistake (ParamError)."""
+        if self.adapters is None:
+            if params.loras or params.vae != "full":
+                field_name = "loras" if params.loras else "vae"
+                raise ParamError(field_name, "this server has no adapter store (handler.adapters)")
+            return NO_ADAPTERS
+        store = self.adapters
+        store.refresh()
+        loras = tuple((lora, weight, info) for name, weight in params.loras
+                      for lora, info in [store.lora(name)])
+        known = store.embeddings()
+        embeddings = {name: embedding for name, (embedding, _) in known.items()}
+        used = dict.fromkeys(name for text in (params.prompt, params.a_prompt, params.n_prompt)
+                             for name in embeddings_used(text, embeddings))
+        taesd, taesd_files = None, ()
+        if params.vae == "taesd":
+            try:
+                found = store.taesd()
+            except AdapterError as err:
+                raise ParamError("vae", f"the adapter store's TAESD is unusable: {err}") from None
+            if found is None:
+                raise ParamError("vae", "taesd needs a TAESD in the adapter store (taesd/ is empty)")
+            taesd, taesd_files = found[0], tuple(found[1])
+        return RequestAdapters(loras, embeddings, tuple(known[name][1] for name in used), taesd, taesd_files)
 
     def _check_plan(self, params: GenerationParams, img2img: bool) -> None:
         """Steps a sampler cannot take (dpmpp_2m beyond 999), or an img2img strength that keeps no step, are the
@@ -300,29 +383,36 @@ class ControlNetCannyPipeline:
             except ValueError as err:
                 raise ParamError(field, str(err)) from None
 
-    def _prompt_warnings(self, params: GenerationParams) -> tuple[str, ...]:
+    def _prompt_warnings(self, params: GenerationParams, embeddings: dict) -> tuple[str, ...]:
         """A warning for each prompt cut at 75 tokens (without long_prompt, the reference's truncation)."""
         if params.long_prompt:
             return ()
         length = self.model.cond_stage_model.context_length
         texts = {"prompt": params.prompt + ", " + params.a_prompt, "n_prompt": params.n_prompt}
         return tuple(
-            f"{name}: {token_count(text)} tokens{' with a_prompt' if name == 'prompt' else ''}; the text model read "
-            f"the first {length - 2} and the rest was cut (long_prompt=true reads them all)"
-            for name, text in texts.items() if is_truncated(text, length)
+            f"{name}: {token_count(text, embeddings)} tokens{' with a_prompt' if name == 'prompt' else ''}; the text "
+            f"model read the first {length - 2} and the rest was cut (long_prompt=true reads them all)"
+            for name, text in texts.items() if is_truncated(text, length, embeddings)
         )
 
     @torch.inference_mode()
-    def encode_text(self, prompt: str, chunked: bool = False) -> torch.Tensor:
-        """(1, 77, width) context, or (1, 77 k, width) for a long prompt `chunked`; an LRU cache spares
-        re-encoding repeated prompts (the default negative)."""
+    def encode_text(self, prompt: str, chunked: bool = False, adapters: RequestAdapters = NO_ADAPTERS) -> torch.Tensor:
+        """(1, 77, width) context, or (1, 77 k, width) for a long prompt `chunked`, through the request's
+        text-encoder LoRAs and embeddings; an LRU cache spares re-encoding repeated prompts (the default negative)."""
         text_model = self.model.cond_stage_model
-        chunked = chunked and is_truncated(prompt, text_model.context_length)  # one chunk is the plain context
-        key = ("chunked", prompt) if chunked else prompt
+        embeddings = adapters.embeddings
+        chunked = chunked and is_truncated(prompt, text_model.context_length, embeddings)  # one chunk: the plain context
+        used = tuple((info.name, info.sha256) for info in adapters.used_embeddings
+                     if info.name in embeddings_used(prompt, embeddings))
+        loras = adapters.lora_key("text")
+        key = (chunked, prompt, used, loras) if used or loras else (("chunked", prompt) if chunked else prompt)
         if key in self._text_cache:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
-        context = text_model.encode_chunked(prompt) if chunked else text_model([prompt])
+        patch = self._lora_patch(adapters, "text")
+        with patch.applied(self.model) if patch is not None else nullcontext():
+            context = (text_model.encode_chunked(prompt, embeddings) if chunked
+                       else text_model([prompt], embeddings))
         self._text_cache[key] = context
         if len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
@@ -356,7 +446,7 @@ class ControlNetCannyPipeline:
         factor = self.config.latent_factor
         seconds: dict[str, float] = {}
         started = time.perf_counter()
-        cond, uncond = self._contexts(p)
+        cond, uncond = self._contexts(p, prepared.adapters)
         self.backend.synchronize()
         seconds["text"] = time.perf_counter() - started
 
@@ -392,7 +482,21 @@ class ControlNetCannyPipeline:
         return Sampling(prepared, plan, samplers.start(plan, noise[0], init_latents), noise, conditioning,
                         control_steps(plan.steps, p.guidance_start, p.guidance_end),
                         guided_steps(plan.sigmas[:-1], p.scale, p.guidance_interval), seconds, started, preview_every,
-                        merging_generators=merging_generators)
+                        merging_generators=merging_generators, unet_loras=self._lora_patch(prepared.adapters, "unet"))
+
+    def _lora_patch(self, adapters: RequestAdapters, part: str) -> LoRAPatch | None:
+        """The request's LoRAs on `part` (unet | text) ready in the serving dtype, shared by the requests of equal
+        LoRAs and weights; None without any."""
+        key = (part, adapters.lora_key(part))
+        if not key[1]:
+            return None
+        if key not in self._lora_patches:
+            patch = LoRAPatch.build([(lora, weight) for lora, weight, _ in adapters.loras], self.device, self.dtype)
+            self._lora_patches[key] = patch.unet_only() if part == "unet" else patch.text_encoder_only()
+            if len(self._lora_patches) > LORA_PATCH_CACHE_SIZE:
+                self._lora_patches.popitem(last=False)
+        self._lora_patches.move_to_end(key)
+        return self._lora_patches[key]
 
     @staticmethod
     def groups(samplings: Sequence[Sampling], max_samples: int | None = None) -> list[list[Sampling]]:
@@ -416,10 +520,12 @@ class ControlNetCannyPipeline:
                              "whether guidance and the ControlNet run at their step")
         inputs = [samplers.model_input(s.plan, s.state) for s in group]
         counts = [s.samples for s in group]
-        e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
-                             Conditioning.rows([s.conditioning for s in group]),
-                             group[0].control_steps[group[0].done], group[0].guided_steps[group[0].done],
-                             TokenMerging.rows([s.token_merging() for s in group]))
+        patch = group[0].unet_loras
+        with patch.applied(self.model) if patch is not None else nullcontext():
+            e = self._guided_eps(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
+                                 Conditioning.rows([s.conditioning for s in group]),
+                                 group[0].control_steps[group[0].done], group[0].guided_steps[group[0].done],
+                                 TokenMerging.rows([s.token_merging() for s in group]))
         for sampling, request_eps in zip(group, e.split(counts)):
             if sampling.preview_due:
                 sampling.preview_latents = samplers.denoised(sampling.plan, sampling.state, request_eps)
@@ -434,14 +540,16 @@ class ControlNetCannyPipeline:
         self.backend.synchronize()
         ended = time.perf_counter()
         latents = [samplers.result(s.plan, s.state) for s in samplings]
-        by_size: dict[tuple, list[int]] = {}
-        for index, latent in enumerate(latents):
-            by_size.setdefault(tuple(latent.shape[-2:]), []).append(index)
+        by_decoder: dict[tuple, list[int]] = {}  # requests of equal size and decoder decode together
+        for index, (latent, sampling) in enumerate(zip(latents, samplings)):
+            taesd = sampling.prepared.adapters.taesd
+            by_decoder.setdefault((tuple(latent.shape[-2:]), id(taesd)), []).append(index)
         decoded: list[list[np.ndarray]] = [[] for _ in samplings]
         step = self.backend.decode_batch
-        for indices in by_size.values():
+        for indices in by_decoder.values():
             stacked = torch.cat([latents[i] for i in indices])
-            images = [image for j in range(0, len(stacked), step) for image in self._decode(stacked[j:j + step])]
+            decode = partial(self._decode, taesd=samplings[indices[0]].prepared.adapters.taesd)
+            images = [image for j in range(0, len(stacked), step) for image in decode(stacked[j:j + step])]
             for i in indices:
                 decoded[i], images = images[:samplings[i].samples], images[samplings[i].samples:]
         decoding = time.perf_counter() - ended  # no sync needed: decoding ends in a copy to the host
@@ -455,11 +563,11 @@ class ControlNetCannyPipeline:
             results.append(Finished(images, fidelity, sampling.total, seconds))
         return results
 
-    def _contexts(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def _contexts(self, params: GenerationParams, adapters: RequestAdapters) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditional (prompt, a_prompt) and unconditional (n_prompt) contexts of one request, of equal length."""
         long = params.long_prompt
-        cond = self.encode_text(params.prompt + ", " + params.a_prompt, long)
-        uncond = self.encode_text(params.n_prompt, long)
+        cond = self.encode_text(params.prompt + ", " + params.a_prompt, long, adapters)
+        uncond = self.encode_text(params.n_prompt, long, adapters)
         return match_lengths(cond, uncond, self.encode_text("")) if long else (cond, uncond)
 
     def _vae_encoder(self) -> VAEEncoder:
@@ -470,9 +578,21 @@ class ControlNetCannyPipeline:
 
     def preview(self, sampling: Sampling) -> np.ndarray | None:
         """(H, W, 3) uint8: the samples' data prediction at the last step that kept one (`Sampling.preview_due`),
-        side by side, through `preview_decoder`; None when no step has kept one since the last call."""
+        side by side, through the adapter store's TAESD when it has one, else SD 1.5's latent-to-RGB factors; None
+        when no step has kept one since the last call."""
         latents, sampling.preview_latents = sampling.preview_latents, None
-        return None if latents is None else preview_grid(self.preview_decoder(latents))
+        if latents is None:
+            return None
+        taesd = self._store_taesd()
+        return preview_grid(latent_rgb(latents) if taesd is None else self._decode(latents, taesd))
+
+    def _store_taesd(self):
+        """The adapter store's TAESD, None without a usable one."""
+        try:
+            found = self.adapters.taesd() if self.adapters is not None else None
+        except AdapterError:
+            return None
+        return None if found is None else found[0]
 
     def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning, with_control: bool,
                     guided: bool, token_merging: TokenMerging | None = None) -> torch.Tensor:
@@ -504,9 +624,13 @@ class ControlNetCannyPipeline:
         e_cond, e_uncond = unet(x, t, context, control, token_merging).float().chunk(2)
         return e_uncond + c.guidance * (e_cond - e_uncond)
 
-    def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+    def _decode(self, latents: torch.Tensor, taesd=None) -> list[np.ndarray]:
         """Latents to (H, W, 3) uint8 images: x * 127.5 + 127.5, clipped and truncated (no rounding) as the
-        reference; quantised on the device, so one uint8 copy leaves it."""
-        x = self.model.first_stage_model.decode(latents.to(self.dtype)).float()
+        reference; quantised on the device, so one uint8 copy leaves it. `taesd`: through that tiny autoencoder
+        (its [0, 1] output mapped to [-1, 1] first, as diffusers' AutoencoderTiny gives it), not the model's VAE."""
+        if taesd is None:
+            x = self.model.first_stage_model.decode(latents.to(self.dtype)).float()
+        else:
+            x = taesd.decode(latents.to(self.dtype)).float() * 2.0 - 1.0
         pixels = (x.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp_(0, 255).to(torch.uint8)
         return list(pixels.cpu().numpy())
