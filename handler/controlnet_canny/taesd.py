@@ -160,8 +160,8 @@ def _check(half: _Half, expected: dict[str, torch.Tensor]) -> None:
     if latent_weight is not None and latent_weight.ndim == 4 and latent_weight.shape[dimension] != LATENT_CHANNELS:
         raise AdapterError(
             f"{half.path.name}: a TAESD {half.role} for {latent_weight.shape[dimension]} latent channels "
-            f"({half.file_key(key)} has shape {tuple(latent_weight.shape)}; taesd3 and taef1 are for SD3 and FLUX): "
-            f"this model's latents have {LATENT_CHANNELS}")
+            f"({half.file_key(key)} has shape {tuple(latent_weight.shape)}): made for another model's latents, like "
+            f"taesd3 and taef1 for SD3 and FLUX; this model's latents have {LATENT_CHANNELS} channels")
     problems = []
     missing = set(expected) - set(half.tensors)
     if missing:
