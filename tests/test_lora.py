@@ -231,9 +231,10 @@ def test_saved_config_scales(targets, tmp_path):
     lora = read_lora(path, targets, CONFIG.unet)
     assert lora.layers[f"{UNET_PREFIX}out.2"].scale == 1.0 / RANK
     assert lora.layers[f"{UNET_PREFIX}input_blocks.0.0"].scale == 6.0 / RANK ** 0.5
-    save_file(tensors, path, metadata={"lora_adapter_metadata": '{"unet.lora_alpha": "many"}'})
-    with pytest.raises(AdapterError, match="saved.safetensors: unreadable lora_adapter_metadata"):
-        read_lora(path, targets, CONFIG.unet)
+    for broken in ('{"unet.lora_alpha": "many"}', '{"unet.lora_alpha": 1, "unet.alpha_pattern": {"(": 2}}', "{"):
+        save_file(tensors, path, metadata={"lora_adapter_metadata": broken})
+        with pytest.raises(AdapterError, match="saved.safetensors: unreadable lora_adapter_metadata"):
+            read_lora(path, targets, CONFIG.unet)
 
 
 # ------------------------------------------------------------------------------------------------- errors

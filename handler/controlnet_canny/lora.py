@@ -1,7 +1,8 @@
 """LoRA files as AUTOMATIC1111, ComfyUI and diffusers users have them, read onto this model's layers and applied
 without changing its weights.
 
-A LoRA adds `scale * up(down(x))` to a layer's output, scale = alpha / rank where the file gives alpha, else 1.
+A LoRA adds `scale * up(down(x))` to a layer's output, scale = alpha / rank where the file gives alpha (per layer,
+or in the LoraConfig diffusers saves with it), else 1: kohya's, A1111's and diffusers' rule.
 Files name layers in one of four layouts (`read_lora`); the UNet's names are diffusers' or the original (LDM)
 ones, mapped to ours from the UNet config. Only the UNet and the CLIP text encoder are patched: the tools
 users train and use LoRAs with patch neither the ControlNet nor the VAE.
@@ -287,11 +288,15 @@ def saved_configs(path: str | Path) -> dict[str, SavedConfig]:
         for key, value in json.loads(raw).items():
             component, _, name = key.partition(".")
             fields.setdefault(component, {})[name] = value
-        return {component: SavedConfig(float(config["lora_alpha"]),
-                                       {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
-                                       bool(config.get("use_rslora", False)))
-                for component, config in fields.items() if "lora_alpha" in config}
-    except (ValueError, TypeError, AttributeError) as err:
+        configs = {component: SavedConfig(float(config["lora_alpha"]),
+                                          {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+                                          bool(config.get("use_rslora", False)))
+                   for component, config in fields.items() if "lora_alpha" in config}
+        for config in configs.values():
+            for pattern in config.alpha_pattern:
+                re.compile(pattern)
+        return configs
+    except (ValueError, TypeError, AttributeError, re.error) as err:
         raise AdapterError(f"{path.name}: unreadable {SAVED_CONFIG_KEY} in the safetensors metadata ({err})") from None
 
 
