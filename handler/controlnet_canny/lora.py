@@ -382,8 +382,10 @@ class PatchedLayer:
         return F.linear(F.linear(x, self.down), self.up)
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """The forward hook: the layer's output plus the LoRAs' term on its input."""
-        return output + self.delta(args[0])
+        """The forward hook: the layer's output plus the LoRAs' term on its input, added in place so that the
+        output keeps the memory layout its layer chose (the next layer's kernels, and so their rounding, follow
+        it)."""
+        return output.add_(self.delta(args[0]))
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,8 @@ class LoRAPatch:
         """Per layer, one down and one up product whatever the number of LoRAs; computed in `dtype` on `device`."""
         gathered: dict[str, list[tuple[LoRALayer, float]]] = {}
         for lora, weight in loras:
+            if weight == 0:  # adds nothing: not computed at all
+                continue
             for path, layer in lora.layers.items():
                 gathered.setdefault(path, []).append((layer, weight))
         layers = {}

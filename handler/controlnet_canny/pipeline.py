@@ -496,6 +496,8 @@ class ControlNetCannyPipeline:
         if key not in self._lora_patches:
             patch = LoRAPatch.build([(lora, weight) for lora, weight, _ in adapters.loras], self.device, self.dtype)
             self._lora_patches[key] = patch.unet_only() if part == "unet" else patch.text_encoder_only()
+            log.info("LoRAs %s ready for the %s", ", ".join(f"{info.name}:{weight:g}" for _, weight, info in adapters.loras),
+                     "UNet" if part == "unet" else "text encoder")
             if len(self._lora_patches) > LORA_PATCH_CACHE_SIZE:
                 self._lora_patches.popitem(last=False)
         self._lora_patches.move_to_end(key)
