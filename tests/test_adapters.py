@@ -202,3 +202,61 @@ def test_previews_go_through_the_stores_taesd(pipe, house_image):
     pipe.step([sampling])
     preview = pipe.preview(sampling)
     assert preview.shape == (64, 64, 3)  # TAESD decodes to the image's size; latent_rgb gives the latent's (8x8)
+
+
+# ----------------------------------------------------------------------------------------- vs diffusers
+
+from test_parity_diffusers import (  # noqa: E402,F401  (module fixtures)
+    DEVICE, _hf_context, diffusers_controlnet, diffusers_unet, diffusers_vae, hf_text_encoder, original_state,
+    original_yaml,
+)
+
+
+def test_a_two_lora_run_matches_diffusers_controlnet_pipeline(
+    pipe, store, house_image, hf_text_encoder, diffusers_unet, diffusers_controlnet, diffusers_vae, monkeypatch,
+):
+    """A whole LCM run (4 steps, scale 1.5: both guidance halves, 2 samples) with two LoRAs of the store at once
+    (kohya with alphas, LoCon and text-encoder layers; PEFT on the UNet), requested by the `loras` field, against
+    diffusers' StableDiffusionControlNetPipeline after `load_lora_weights` of the same files and `set_adapters`
+    with the same weights: the final latents, free-running as the LCM run of test_parity_diffusers (which it
+    compares at 1e-4 of their magnitude, observed 1e-6 of it)."""
+    import copy
+
+    from diffusers import LCMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from controlnet_canny.text_encoder import tokenize
+    from test_samplers import SD15_SCHEDULER_CONFIG
+
+    weights = {"style": 0.8, "detail": -0.6}
+    prepared = pipe.prepare(house_image, params("a red house", num_samples=2, ddim_steps=4, scale=1.5, seed=321,
+                                                sampler="lcm", loras=[f"{n}:{w}" for n, w in weights.items()]))
+    (ours,) = final_latents(pipe, [prepared])
+
+    theirs_pipeline = StableDiffusionControlNetPipeline(
+        vae=diffusers_vae, text_encoder=copy.deepcopy(hf_text_encoder), tokenizer=None,
+        unet=copy.deepcopy(diffusers_unet), controlnet=diffusers_controlnet,
+        scheduler=LCMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    theirs_pipeline.set_progress_bar_config(disable=True)
+    for name in weights:
+        theirs_pipeline.load_lora_weights(str(store / "loras"), weight_name=f"{name}.safetensors", adapter_name=name)
+    theirs_pipeline.set_adapters(list(weights), list(weights.values()))
+    p = prepared.params
+    with torch.inference_mode():
+        cond, uncond = (_hf_context(theirs_pipeline.text_encoder, torch.tensor([tokenize(text)] * 2).to(DEVICE))
+                        for text in (p.prompt + ", " + p.a_prompt, p.n_prompt))
+        theirs = theirs_pipeline(
+            prompt_embeds=cond, negative_prompt_embeds=uncond, image=Image.fromarray(prepared.edge_map).convert("RGB"),
+            height=64, width=64, num_inference_steps=p.ddim_steps, guidance_scale=p.scale, output_type="latent",
+            generator=[torch.Generator("cpu").manual_seed(s) for s in prepared.seeds],
+        ).images
+    unstyled = final_latents(pipe, [pipe.prepare(house_image, params("a red house", num_samples=2, ddim_steps=4,
+                                                                     scale=1.5, seed=321, sampler="lcm"))])[0]
+    magnitude = float(ours.abs().max())
+    difference = float((ours - theirs.to(ours.device)).abs().max())
+    print(f"two-LoRA LCM run vs diffusers: {difference:.3g} on latents of magnitude {magnitude:.3g}; the LoRAs moved "
+          f"them by {float((ours - unstyled).abs().max()):.3g}")
+    assert difference <= 1e-4 * magnitude
+    assert float((ours - unstyled).abs().max()) > 0.1 * magnitude
