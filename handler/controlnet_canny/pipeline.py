@@ -34,7 +34,7 @@ from .params import GenerationParams, ParamError
 from .preprocess import MAX_ASPECT, canny, fit, fitted_edges, output_size, resize_image
 from .previews import latent_rgb, preview_grid
 from .taesd import read_taesd
-from .text_encoder import embeddings_used, is_truncated, match_lengths, token_count
+from .text_encoder import EmbeddingIndex, embeddings_used, is_truncated, match_lengths, token_count
 from .token_merging import TokenMerging
 from .unet import widen
 from .vae import VAEEncoder, load_encoder, to_unit_range
@@ -86,7 +86,7 @@ class RequestAdapters:
     """The adapters of one request, resolved in the store when it was prepared (a file changed later does not
     change a request in flight)."""
     loras: tuple[tuple[object, float, AdapterFile], ...] = ()  # (lora.LoRA, weight, its file)
-    embeddings: dict = field(default_factory=dict)  # name -> embeddings.Embedding: every usable one of the store
+    embeddings: EmbeddingIndex | None = None  # every usable embedding of the store, by name
     used_embeddings: tuple[AdapterFile, ...] = ()  # those the request's prompts use
     taesd: object = None  # taesd.TinyAutoencoder when vae=taesd
     taesd_files: tuple[AdapterFile, ...] = ()
@@ -257,6 +257,7 @@ class ControlNetCannyPipeline:
         self.lora_targets = lora_targets(self.model)
         self.adapters: AdapterStore | None = None  # `attach_adapters`
         self._lora_patches: OrderedDict[tuple, LoRAPatch] = OrderedDict()
+        self._embedding_index: tuple[int, EmbeddingIndex] | None = None  # (the store's version, its index)
         self.backend: Backend = select(device, dtype, backend_options)
         factor = config.latent_factor
         latent_sizes = [(h // factor, w // factor)
@@ -358,7 +359,9 @@ class ControlNetCannyPipeline:
         loras = tuple((lora, weight, info) for name, weight in params.loras
                       for lora, info in [store.lora(name)])
         known = store.embeddings()
-        embeddings = {name: embedding for name, (embedding, _) in known.items()}
+        if self._embedding_index is None or self._embedding_index[0] != store.version:
+            self._embedding_index = (store.version, EmbeddingIndex({name: e for name, (e, _) in known.items()}))
+        embeddings = self._embedding_index[1]
         used = dict.fromkeys(name for text in (params.prompt, params.a_prompt, params.n_prompt)
                              for name in embeddings_used(text, embeddings))
         taesd, taesd_files = None, ()
@@ -383,7 +386,7 @@ class ControlNetCannyPipeline:
             except ValueError as err:
                 raise ParamError(field, str(err)) from None
 
-    def _prompt_warnings(self, params: GenerationParams, embeddings: dict) -> tuple[str, ...]:
+    def _prompt_warnings(self, params: GenerationParams, embeddings: EmbeddingIndex | None) -> tuple[str, ...]:
         """A warning for each prompt cut at 75 tokens (without long_prompt, the reference's truncation)."""
         if params.long_prompt:
             return ()
