@@ -182,29 +182,57 @@ def test_a_multipart_body_the_handler_decodes_itself_keeps_repeated_parts(config
 
 # --- a live TorchServe ------------------------------------------------------------------------------------
 
-def _post_form(server, fields: list[tuple[str, str]], image: bool = True) -> requests.Response:
+@pytest.fixture(scope="module")
+def lora_server(tiny_checkpoint, tmp_path_factory):
+    """The tiny model on a throwaway TorchServe whose adapter store holds the LoRAs `first` and `second`."""
+    from live_server import TINY_CONFIG, require_java, tiny_server
+    from make_tiny_adapters import write_lora
+
+    from controlnet_canny.config import load_config
+
+    if require_java():
+        pytest.skip(require_java())
+    store = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate(("first", "second")):
+        write_lora(store / "loras" / f"{name}.safetensors", load_config(TINY_CONFIG), "kohya", seed=seed)
+    with tiny_server(tiny_checkpoint, sets=[f"handler.adapters={store}"]) as server:
+        yield server
+
+
+def post_form(server, fields: list[tuple[str, str]], image: bool = True) -> requests.Response:
+    """`fields` as text parts in this order (repeated names included), the house as the image part; without the
+    image, an application/x-www-form-urlencoded body."""
     from live_server import HOUSE, STEPS
 
     files = {"image": ("house.png", HOUSE)} if image else None
-    data = [("ddim_steps", str(STEPS)), *fields] if image else fields
+    data = [("ddim_steps", str(STEPS)), ("output", "json"), *fields] if image else fields
     return requests.post(server.url, data=data, files=files, headers=server.auth(), timeout=120)
 
 
 @pytest.mark.server
-def test_live_repeated_loras_parts_reach_the_handler_whole(server):
-    """The store has no LoRA: the first part's name is refused, which the last part alone would not name."""
-    response = _post_form(server, [("prompt", "a house"), ("loras", "missing_first:1"), ("loras", "missing_second:0.5")])
-    assert response.status_code == 400, response.text
-    answer = response.json()
-    assert answer["field"] == "loras" and "'missing_first'" in answer["error"], answer
+def test_live_repeated_loras_parts_all_reach_the_pipeline_in_order(lora_server):
+    response = post_form(lora_server, [("prompt", "a house"), ("loras", "first:1"), ("loras", "second:0.5")])
+    assert response.status_code == 200, response.text
+    parameters = response.json()["parameters"]
+    assert parameters["loras"] == ["first:1", "second:0.5"]
+    assert [(lora["name"], lora["weight"]) for lora in parameters["adapters"]["loras"]] == [("first", 1.0), ("second", 0.5)]
 
 
 @pytest.mark.server
-def test_live_repeated_single_valued_fields_are_refused(server):
-    response = _post_form(server, [("prompt", "a house"), ("prompt", "a barn")])
+def test_live_unknown_lora_in_the_first_part_fails_the_request(lora_server):
+    """The last part alone names a LoRA of the store: only the whole list gets the first part refused."""
+    response = post_form(lora_server, [("prompt", "a house"), ("loras", "missing:1"), ("loras", "second:0.5")])
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert answer["field"] == "loras" and "'missing'" in answer["error"], answer
+
+
+@pytest.mark.server
+def test_live_repeated_single_valued_fields_are_refused(lora_server):
+    response = post_form(lora_server, [("prompt", "a house"), ("prompt", "a barn")])
     assert response.status_code == 400 and response.json()["field"] == "prompt", response.text
     assert "given more than once" in response.json()["error"]
     # application/x-www-form-urlencoded: TorchServe forwards its repeated fields the same way
-    assert _post_form(server, [("mode", "adapters")], image=False).status_code == 200
-    response = _post_form(server, [("mode", "adapters"), ("mode", "adapters")], image=False)
+    assert post_form(lora_server, [("mode", "adapters")], image=False).status_code == 200
+    response = post_form(lora_server, [("mode", "adapters"), ("mode", "adapters")], image=False)
     assert response.status_code == 400 and response.json()["field"] == "mode", response.text
