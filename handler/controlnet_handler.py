@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
+from ts.service import Service
 
 import serving
 from controlnet_canny.params import ParamError
@@ -47,6 +48,14 @@ def _error(metrics, reason: str) -> None:
     _count(metrics, "ControlNetErrors", 1, Reason=reason)
 
 
+def keep_repeated_fields() -> None:
+    """Makes this worker's TorchServe hand a field a form repeats (`-F loras=a:1 -F loras=b:0.5`) over as the list
+    of its values instead of its last one (serving.keeping_repeated_fields); once per process."""
+    retrieve = Service.retrieve_data_for_inference
+    if not getattr(retrieve, "keeps_repeated_fields", False):
+        Service.retrieve_data_for_inference = staticmethod(serving.keeping_repeated_fields(retrieve))
+
+
 class ControlNetHandler:
     """One instance per worker: TorchServe calls `initialize` once, then `handle` for each step of the batch."""
 
@@ -61,6 +70,7 @@ class ControlNetHandler:
             raise SystemExit(1) from None
 
     def _initialize(self, context) -> None:
+        keep_repeated_fields()
         model_dir = Path(context.system_properties["model_dir"])
         model_yaml = context.model_yaml_config or {}
         self.config = serving.ServingConfig.from_mapping(model_yaml.get("handler") or {})

@@ -38,6 +38,7 @@ from controlnet_canny.preprocess import checked_output_size, decode_control_map,
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
 IMAGE_FIELDS = ("image", "control_image", "init_image")
 TRANSPORT_FIELDS = (*IMAGE_FIELDS, "output", "stream", "preview_every", "mode", "request_id")
+MULTI_VALUED_FIELDS = ("loras",)  # the fields a form may repeat: each part one value, in the order sent
 MODES = ("generate", "edges", "cancel", "adapters")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 OUTPUT_TYPES = {"zip": "application/zip", "png": "image/png", "json": "application/json"}
@@ -247,7 +248,27 @@ def _header(headers: Mapping[str, Any], name: str) -> str:
     return ""
 
 
+def keeping_repeated_fields(retrieve):
+    """TorchServe's `Service.retrieve_data_for_inference` wrapped so that a field sent more than once reaches the
+    handler as the list of its values in the order sent. TorchServe 0.12's frontend forwards every part of a form
+    (multipart or urlencoded) as a parameter of its own, but that function merges them into a dict by name, which
+    keeps the last. Names sent once, the headers and the request ids stay exactly what TorchServe makes of them."""
+    def retrieve_keeping_repeats(batch):
+        headers, rows, request_ids = retrieve(batch)
+        for row, request in zip(rows, batch):
+            values: dict[str, list] = {}
+            for parameter in request["parameters"]:
+                values.setdefault(parameter["name"], []).append(parameter["value"])
+            row.update({name: sent for name, sent in values.items() if len(sent) > 1})
+        return headers, rows, request_ids
+
+    retrieve_keeping_repeats.keeps_repeated_fields = True
+    return retrieve_keeping_repeats
+
+
 def _form_text(name: str, value: Any) -> Any:
+    if isinstance(value, list):  # a repeated field (keeping_repeated_fields)
+        return [_form_text(name, item) for item in value]
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8")
@@ -258,7 +279,8 @@ def _form_text(name: str, value: Any) -> Any:
 
 def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[str, Any]:
     """The client's fields, whatever the encoding. TorchServe hands a JSON body over as {"body": parsed} (the raw
-    bytes when it is not valid JSON) and a form as one entry per part (bytes). Media types are case-insensitive
+    bytes when it is not valid JSON) and a form as one entry per name (bytes; a list of them for a name the form
+    repeats, which only MULTI_VALUED_FIELDS may be). Media types are case-insensitive
     (RFC 9110); TorchServe parses only an exact `application/json`, so other spellings are parsed here."""
     content_type = _header(headers, "content-type").split(";")[0].strip().lower()
     if content_type == "application/json":
@@ -276,6 +298,9 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
             row = _multipart_fields(row["body"], _header(headers, "content-type"))
         if set(row) == {"body"}:  # TorchServe found no form fields and handed the raw body over
             raise ParamError("body", f"is not a {content_type} body with fields (is the multipart boundary missing?)")
+        for name, value in row.items():  # a list: the form sent the field more than once; unknown names are refused later
+            if isinstance(value, list) and name in TRANSPORT_FIELDS + GENERATION_FIELDS and name not in MULTI_VALUED_FIELDS:
+                raise ParamError(name, f"is given more than once; only {', '.join(MULTI_VALUED_FIELDS)} may be repeated")
         fields = {name: _form_text(name, value) for name, value in row.items() if name not in IMAGE_FIELDS}
         for name in IMAGE_FIELDS:  # TorchServe hands a text/* part over as str when it is UTF-8, which no image is
             if name in row:
@@ -287,7 +312,7 @@ def request_fields(row: Mapping[str, Any], headers: Mapping[str, Any]) -> dict[s
 
 def _multipart_fields(body: Any, content_type: str) -> dict[str, Any]:
     """A multipart body TorchServe left undecoded (its frontend decodes only a lower-case multipart/form-data),
-    one entry per named part; {"body": body} when it holds none."""
+    one entry per name (a list of the values of a name given more than once); {"body": body} when it holds none."""
     if not isinstance(body, (bytes, bytearray)):
         return {"body": body}
     head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
@@ -295,13 +320,13 @@ def _multipart_fields(body: Any, content_type: str) -> dict[str, Any]:
     parts = list(message.iter_parts()) if message.is_multipart() else []
     if not parts:
         return {"body": body}
-    fields = {}
+    values: dict[str, list[bytes]] = {}
     for part in parts:
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str) or not name:
             raise ParamError("body", "has a multipart part without a name")
-        fields[name] = part.get_payload(decode=True) or b""
-    return fields
+        values.setdefault(name, []).append(part.get_payload(decode=True) or b"")
+    return {name: sent[0] if len(sent) == 1 else sent for name, sent in values.items()}
 
 
 def _image_bytes(value: Any, max_bytes: int, name: str = "image") -> bytes:
