@@ -57,7 +57,7 @@ clean:
 MAR := model_store/controlnet/MAR-INF/MANIFEST.json
 .PHONY: mar serve stop
 
-$(MAR): $(TINY) scripts/build_mar.py handler/controlnet_handler.py handler/serving.py handler/model-config.yaml \
+$(MAR): $(TINY) scripts/build_mar.py scripts/make_tiny_adapters.py handler/controlnet_handler.py handler/serving.py handler/model-config.yaml \
 		$(wildcard handler/controlnet_canny/*.py handler/controlnet_canny/configs/*.yaml)
 	$(PY) scripts/build_mar.py
 

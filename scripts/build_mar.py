@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HANDLER_DIR = ROOT / "handler"
 sys.path.insert(0, str(HANDLER_DIR))
 
-from controlnet_canny.config import CONFIG_DIR  # noqa: E402
+from controlnet_canny.config import CONFIG_DIR, load_config  # noqa: E402
 from serving import ServingConfig  # noqa: E402
 
 TINY_CHECKPOINT = ROOT / "artifacts" / "tiny" / "control_tiny_canny.pth"
@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
             kept_store.parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / "adapters").rename(kept_store)
             print(f"adapter store kept: {kept_store}")
+    if args.checkpoint == [TINY_CHECKPOINT] and kept_store is not None and not kept_store.exists():
+        # the embedded tiny model's demo store: a LoRA per layout, an embedding, a TAESD (noise, as its images)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from make_tiny_adapters import write_demo_store
+
+        write_demo_store(kept_store, load_config(args.arch_config))
+        print(f"demo adapter store written: {kept_store}")
     for checkpoint in args.checkpoint:
         how = place_checkpoint(checkpoint, export_dir / checkpoint.name)
         print(f"{checkpoint} -> {export_dir / checkpoint.name}: {how}")
