@@ -649,7 +649,6 @@ def recipes(args: argparse.Namespace) -> None:
 
 LCM_LORA = "lcm-lora-sdv1-5"  # the file's stem in the bench's adapter store, as users name it
 LCM_LORA_RANK = 64  # latent-consistency/lcm-lora-sdv1-5's rank
-ADAPTER_STORE = SYNTHETIC_CHECKPOINT.parent / "adapters"
 DIFFUSERS_TAESD = SYNTHETIC_CHECKPOINT.parent / "taesd-diffusers"
 ADAPTER_RECIPES = {  # the request fields besides the prompt and the photo
     "ddim 20 (default)": {},
@@ -660,20 +659,23 @@ ADAPTER_RECIPES = {  # the request fields besides the prompt and the photo
 }
 
 
-def write_adapter_store(config: ModelConfig) -> None:
-    """Once: a rank-64 LoRA of the whole UNet and text encoder in the LCM-LoRA file's layout (kohya keys, diffusers
-    block names, LoCon convolutions), madebyollin's TAESD files in the store and a diffusers-layout copy beside."""
+def write_adapter_store(config_path: Path) -> Path:
+    """Once per architecture: a rank-64 LoRA of the whole UNet and text encoder in the LCM-LoRA file's layout (kohya
+    keys, diffusers block names, LoCon convolutions), madebyollin's TAESD files in the store and a diffusers-layout
+    copy beside it. Returns the store."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_tiny_adapters import write_lora, write_taesd
 
-    lora = ADAPTER_STORE / "loras" / f"{LCM_LORA}.safetensors"
+    store, config = SYNTHETIC_CHECKPOINT.parent / f"adapters-{config_path.stem}", load_config(config_path)
+    lora = store / "loras" / f"{LCM_LORA}.safetensors"
     if not lora.exists():
         log(f"writing a rank-{LCM_LORA_RANK} LoRA in the LCM-LoRA layout to {lora} (once) ...")
-        write_lora(lora, config, "kohya", rank=LCM_LORA_RANK, seed=0)
-    if not (ADAPTER_STORE / "taesd").is_dir():
-        write_taesd(ADAPTER_STORE / "taesd", "madebyollin", seed=0)
+        write_lora(lora, config, "kohya", rank=LCM_LORA_RANK, seed=0, alpha=LCM_LORA_RANK)
+    if not (store / "taesd").is_dir():
+        write_taesd(store / "taesd", "madebyollin", seed=0)
     if not DIFFUSERS_TAESD.is_dir():
         write_taesd(DIFFUSERS_TAESD, "diffusers", seed=0)
+    return store
 
 
 def diffusers_pipeline(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -695,7 +697,8 @@ def diffusers_pipeline(cfg: ModelConfig, dtype: torch.dtype, device: torch.devic
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         (Path(directory) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer.from_pretrained(directory, pad_token="<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(directory, pad_token="<|endoftext|>",
+                                                  model_max_length=cfg.text.context_length)
     unet, controlnet = diffusers_models(cfg, dtype, device)
     vae_cfg = cfg.vae
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=vae_cfg.z_channels,
@@ -751,9 +754,10 @@ def time_diffusers_recipe(pipe, shape: Shape, fields: dict, device: torch.device
 def adapter_recipes(args: argparse.Namespace) -> None:
     """Whole images of ADAPTER_RECIPES, ours (the adapter store through the real path) and diffusers' in turn."""
     from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
 
     cfg = load_config(args.config)
-    write_adapter_store(cfg)
+    store = write_adapter_store(args.config)
     shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
     print(machine_header(args.device))
     print("| recipe | shape (HxW) | dtype | ours s/image | ours decoding s | diffusers s/image | ours vs diffusers | "
@@ -761,12 +765,21 @@ def adapter_recipes(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for precision in args.precisions:
         dtype = PRECISIONS[precision]
-        pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision,
-                                            adapters=ADAPTER_STORE)
+        pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision, adapters=store)
         log(f"{precision}: backend {backend_summary(pipe)}")
+        without_store = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision)
         reference = None if args.no_diffusers else diffusers_pipeline(cfg, dtype, args.device)
+        tiny_autoencoder = AutoencoderTiny()  # SD 1.x's TAESD is its default configuration
+        tiny_autoencoder.load_state_dict(load_file(DIFFUSERS_TAESD / "diffusion_pytorch_model.safetensors"))
         lora_loaded = False
         for shape in shapes:
+            # a request without adapters, with the store attached and without one, alternated: no slower
+            sides = {"with the store": [], "without a store": []}
+            for _ in range(ROUNDS):
+                for side, served in (("with the store", pipe), ("without a store", without_store)):
+                    sides[side].append(time_recipe(served, shape, {})["whole"])
+            log(f"{shape.label} {precision}: the default request, best of {ROUNDS}: " +
+                ", ".join(f"{side} {min(times):.2f} s" for side, times in sides.items()))
             default = None
             for name, fields in ADAPTER_RECIPES.items():
                 ours = time_recipe(pipe, shape, fields)
@@ -774,19 +787,19 @@ def adapter_recipes(args: argparse.Namespace) -> None:
                 theirs = math.nan
                 if reference is not None:
                     if fields.get("loras") and not lora_loaded:
-                        reference.load_lora_weights(str(ADAPTER_STORE / "loras"), weight_name=f"{LCM_LORA}.safetensors",
+                        reference.load_lora_weights(str(store / "loras"), weight_name=f"{LCM_LORA}.safetensors",
                                                     adapter_name="lcm")
                         reference.fuse_lora()  # diffusers' faster way for a LoRA kept on: no low-rank paths per step
                         lora_loaded = True
                     full_vae = reference.vae
                     if fields.get("vae") == "taesd":
-                        reference.vae = AutoencoderTiny.from_pretrained(DIFFUSERS_TAESD).to(args.device, dtype)
+                        reference.vae = tiny_autoencoder.to(args.device, dtype)
                     theirs = time_diffusers_recipe(reference, shape, fields, args.device)
                     reference.vae = full_vae
                 print(f"| {name} | {shape.label} | {precision} | {ours['whole']:.1f} | {ours['decoding']:.2f} | "
                       f"{seconds(theirs)} | {ratio(theirs, ours['whole'])} | {ratio(default, ours['whole'])} |",
                       flush=True)
-        del pipe, reference
+        del pipe, without_store, reference
         gc.collect()
 
 
