@@ -649,6 +649,7 @@ def recipes(args: argparse.Namespace) -> None:
 
 LCM_LORA = "lcm-lora-sdv1-5"  # the file's stem in the bench's adapter store, as users name it
 LCM_LORA_RANK = 64  # latent-consistency/lcm-lora-sdv1-5's rank
+AB_ROUNDS = 3
 DIFFUSERS_TAESD = SYNTHETIC_CHECKPOINT.parent / "taesd-diffusers"
 ADAPTER_RECIPES = {  # the request fields besides the prompt and the photo
     "ddim 20 (default)": {},
@@ -772,14 +773,16 @@ def adapter_recipes(args: argparse.Namespace) -> None:
         tiny_autoencoder = AutoencoderTiny()  # SD 1.x's TAESD is its default configuration
         tiny_autoencoder.load_state_dict(load_file(DIFFUSERS_TAESD / "diffusion_pytorch_model.safetensors"))
         lora_loaded = False
+        # a request without adapters, with the store attached and without one, alternated: no slower (at 256 px,
+        # the cheapest whole image: what a store could add is per request, not per pixel)
+        sides: dict[str, list[float]] = {"with the store": [], "without a store": []}
+        for _ in range(AB_ROUNDS):
+            for side, served in (("with the store", pipe), ("without a store", without_store)):
+                sides[side].append(time_recipe(served, Shape.of((1, 1), 256), {})["whole"])
+        print(f"the default request at 256x256 {precision}, best of {AB_ROUNDS}: " +
+              ", ".join(f"{side} {min(times):.2f} s" for side, times in sides.items()), flush=True)
+        del without_store
         for shape in shapes:
-            # a request without adapters, with the store attached and without one, alternated: no slower
-            sides = {"with the store": [], "without a store": []}
-            for _ in range(ROUNDS):
-                for side, served in (("with the store", pipe), ("without a store", without_store)):
-                    sides[side].append(time_recipe(served, shape, {})["whole"])
-            log(f"{shape.label} {precision}: the default request, best of {ROUNDS}: " +
-                ", ".join(f"{side} {min(times):.2f} s" for side, times in sides.items()))
             default = None
             for name, fields in ADAPTER_RECIPES.items():
                 ours = time_recipe(pipe, shape, fields)
@@ -799,7 +802,7 @@ def adapter_recipes(args: argparse.Namespace) -> None:
                 print(f"| {name} | {shape.label} | {precision} | {ours['whole']:.1f} | {ours['decoding']:.2f} | "
                       f"{seconds(theirs)} | {ratio(theirs, ours['whole'])} | {ratio(default, ours['whole'])} |",
                       flush=True)
-        del pipe, without_store, reference
+        del pipe, reference
         gc.collect()
 
 

@@ -162,6 +162,23 @@ def test_token_authorization_and_a_curl_generation(container):
         assert {"sample_00.png", "edge_map.png", "params.yaml"} <= set(bundle.namelist())
 
 
+def test_the_images_demo_adapter_store_lists_and_serves(container):
+    """The image's tiny model comes with its demo adapter store (build_mar.py writes it in `make mar`): listed
+    through the client inside the image, and a generation with a LoRA, the prompt's tag and the TAESD records
+    them."""
+    listed = container.exec(".venv/bin/python", "scripts/client.py", "adapters", check=True)
+    kinds = {entry["name"]: entry["kind"] for entry in json.loads(listed.stdout)}
+    assert kinds["tiny_kohya"] == "lora" and kinds["tiny_embedding"] == "embedding" and kinds["taesd_decoder"] == "taesd"
+    response = requests.post(f"{container.inference}/predictions/controlnet", headers=container.auth(),
+                             files={"image": HOUSE}, timeout=300,
+                             data={"prompt": "a house <lora:tiny_peft:0.5>", "loras": "tiny_kohya:1", "vae": "taesd",
+                                   "ddim_steps": 2, "output": "json"})
+    assert response.status_code == 200, response.text
+    adapters = response.json()["parameters"]["adapters"]
+    assert [lora["name"] for lora in adapters["loras"]] == ["tiny_kohya", "tiny_peft"]
+    assert len(adapters["taesd"]) == 2
+
+
 def test_metrics_are_published_without_a_key(container):
     assert requests.post(f"{container.inference}/predictions/controlnet", headers=container.auth(),
                          files={"image": HOUSE}, data={"mode": "edges", "output": "png"}, timeout=120).status_code == 200
