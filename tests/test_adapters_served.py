@@ -222,6 +222,17 @@ def test_a_request_without_adapters_answers_what_a_pipeline_without_a_store_give
     assert max_diff(image_of(response), expected) <= 1
 
 
+def test_an_edge_map_records_no_adapter(served):
+    """mode=edges runs no diffusion: the names are still checked, but no file plays a part in the answer."""
+    edges = post(served, body(mode="edges", **EVERY_ADAPTER))
+    assert edges.status_code == 200, edges.text
+    assert edges.json()["parameters"]["adapters"] == {"loras": [], "embeddings": [], "taesd": []}
+    plain = post(served, body(mode="edges"))
+    edge_maps = [png_pixels(base64.b64decode(r.json()["edge_map"])) for r in (edges, plain)]
+    assert np.array_equal(*edge_maps)
+    assert post(served, body(mode="edges", loras=["nope:1"])).status_code == 400
+
+
 # --- client mistakes and bad files ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, field, fragments", [
