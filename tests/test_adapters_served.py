@@ -415,16 +415,16 @@ def test_streamed_previews_are_taesd_decodes_of_the_outputs_size(served):
 
 # --- the command-line tools -------------------------------------------------------------------------------
 
-def run_generate(served: Served, tiny_checkpoint: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+def run_generate(tiny_checkpoint: Path, out: Path, store: Path | None, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint", str(tiny_checkpoint),
                "--config", str(TINY_CONFIG), "--image", str(HOUSE_FILE), "--prompt", "a house",
                "--image-resolution", "64", "--ddim-steps", str(STEPS), "--seed", "5", "--precision", "fp32",
-               "--adapters", str(served.store), "--out", str(out), *args]
+               "--out", str(out), *(["--adapters", str(store)] if store is not None else []), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def test_generate_py_uses_the_store_records_it_and_matches_the_server(served, tiny_checkpoint, tmp_path):
-    done = run_generate(served, tiny_checkpoint, tmp_path / "result.zip", "--loras", "tiny_kohya:0.5",
+    done = run_generate(tiny_checkpoint, tmp_path / "result.zip", served.store, "--loras", "tiny_kohya:0.5",
                         "--loras", "detail:-1", "--vae", "taesd")
     assert done.returncode == 0, done.stderr
     with zipfile.ZipFile(tmp_path / "result.zip") as bundle:
@@ -439,10 +439,19 @@ def test_generate_py_uses_the_store_records_it_and_matches_the_server(served, ti
     assert max_diff(offline, image_of(online)) <= 1
 
 
-def test_generate_py_refuses_an_unknown_lora_naming_the_field(served, tiny_checkpoint, tmp_path):
-    refused = run_generate(served, tiny_checkpoint, tmp_path / "result.zip", "--loras", "nope:1")
+@pytest.mark.parametrize("store, args, fragments", [
+    ("served", ["--loras", "nope:1"], ["loras", "'nope'", "tiny_kohya"]),
+    ("served", ["--prompt", "a house <lora:tiny_kohya:9>"], ["prompt", "between -4 and 4"]),
+    (None, ["--loras", "tiny_kohya:1"], ["loras", "give --adapters DIR"]),
+    (None, ["--vae", "taesd"], ["vae", "give --adapters DIR"]),
+    ("missing", ["--loras", "tiny_kohya:1"], ["missing: not a directory"]),
+])
+def test_generate_py_refuses_what_it_cannot_use_naming_it(served, tiny_checkpoint, tmp_path, store, args, fragments):
+    store = {"served": served.store, None: None, "missing": tmp_path / "missing"}[store]
+    refused = run_generate(tiny_checkpoint, tmp_path / "result.zip", store, *args)
     assert refused.returncode != 0
-    assert "loras" in refused.stderr and "'nope'" in refused.stderr, refused.stderr
+    for fragment in fragments:
+        assert fragment in refused.stderr, refused.stderr
     assert not (tmp_path / "result.zip").exists()
 
 
