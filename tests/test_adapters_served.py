@@ -465,6 +465,10 @@ def test_client_generate_with_a_lora_saves_its_record_and_taesd_previews(served,
         {"name": "tiny_peft", "weight": 0.5, "sha256": served.sha256("loras/tiny_peft.safetensors")}]
     previews = sorted((tmp_path / "out" / "previews").iterdir())
     assert len(previews) == STEPS - 1 and all(Image.open(p).size == (64, 64) for p in previews)
+    refused = run_client(served, "generate", "--image", str(HOUSE_FILE), "--prompt", "a house", "--lora", "nope=1",
+                         "--out", str(tmp_path / "refused"))
+    assert refused.returncode != 0 and "HTTP 400" in refused.stderr and "'nope'" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_client_sweep_over_a_lora_weight_records_it_and_resumes(served, tmp_path):
