@@ -32,7 +32,7 @@ from controlnet_canny.bundle import encode_png, make_bundle
 from controlnet_canny.backends import BackendOptions
 from controlnet_canny.config import reject_unknown_keys
 from controlnet_canny.params import GenerationParams, Limits, ParamError, as_bool, as_int, check_cost, parse_params
-from controlnet_canny.pipeline import PRECISION_CHOICES, Prepared, Sampling
+from controlnet_canny.pipeline import NO_ADAPTERS, PRECISION_CHOICES, Prepared, Sampling
 from controlnet_canny.preprocess import checked_output_size, decode_control_map, decode_image
 
 GENERATION_FIELDS = tuple(f.name for f in fields(GenerationParams))
@@ -466,7 +466,8 @@ def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: in
     """Everything needed to reproduce a result: the parameters with the seed resolved, the seeds of all
     samples, the size generated, the model, the sampler steps visited, the sha256 of a control_image /
     init_image sent, and what the result says about itself: warnings (a truncated prompt) and each sample's
-    control_fidelity. In edges mode (steps None) no noise is drawn: seed, seeds and control_fidelity are None.
+    control_fidelity. In edges mode (steps None) no noise is drawn: seed, seeds and control_fidelity are None, and
+    no adapter is used.
     The server and scripts/generate.py both report exactly this."""
     height, width = prepared.edge_map.shape[:2]
     generated = steps is not None
@@ -482,7 +483,7 @@ def effective_parameters(prepared: Prepared, model: Mapping[str, Any], steps: in
         "init_image": digests.get("init_image"),
         "warnings": list(prepared.warnings),
         "control_fidelity": None if control_fidelity is None else [round(f, 4) for f in control_fidelity],
-        "adapters": prepared.adapters.record(),
+        "adapters": (prepared.adapters if generated else NO_ADAPTERS).record(),
         **model,
     }
 

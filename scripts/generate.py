@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         init = decode_image(sent["init_image"], **limits, field="--init-image") if "init_image" in sent else None
     except ParamError as err:
         sys.exit(f"error: {err}")
+    # checked before the model loads; a server's store may start empty and fill up, a command line's is a typo
+    if args.adapters is None and (params.loras or params.vae != "full"):
+        asked = "loras" if params.loras else "vae"
+        sys.exit(f"error: {asked}: LoRAs and vae=taesd come from an adapter store; give --adapters DIR")
+    if args.adapters is not None and not args.adapters.is_dir():
+        sys.exit(f"error: --adapters {args.adapters}: not a directory")
     try:
         backend = BackendOptions.from_mapping(dict(option.partition("=")[::2] for option in args.backend))
         pipeline = ControlNetCannyPipeline.load(args.checkpoint, args.config, args.device, args.precision, backend,
