@@ -250,14 +250,18 @@ def test_malformed_request_gets_a_clear_4xx(server, survivor, kwargs, status, fi
             assert bundle.namelist()[-2:] == ["edge_map.png", "params.yaml"]  # a sample first unless mode=edges
 
 
-def test_duplicated_fields_last_one_wins(server):
-    """TorchServe merges a request's parts (and a JSON object's keys) into one mapping before the handler sees
-    them: the last occurrence wins, deterministically."""
-    parts = [("image", ("a", b"not an image")), ("image", ("b", HOUSE)), ("prompt", (None, "first")),
-             ("prompt", (None, "second")), ("ddim_steps", (None, "2")), ("output", (None, "json"))]
-    response = requests.post(server.url, files=parts, headers=server.auth(), timeout=60)
-    assert response.status_code == 200, response.text
-    assert response.json()["parameters"]["prompt"] == "second"
+def test_duplicated_fields_are_refused_naming_the_field(server):
+    """A repeated form part reaches the handler whole (it undoes TorchServe's merge, tests/test_repeated_fields.py):
+    a field that takes one value, given twice, is a 400 naming it rather than a silent choice. JSON cannot repeat
+    a key in a parsed object: its parser keeps the last."""
+    for parts, field in (
+        ([("image", ("a", b"not an image")), ("image", ("b", HOUSE)), ("prompt", (None, "a house"))], "image"),
+        ([("image", ("b", HOUSE)), ("prompt", (None, "first")), ("prompt", (None, "second"))], "prompt"),
+    ):
+        response = requests.post(server.url, files=parts + [("ddim_steps", (None, "2"))], headers=server.auth(),
+                                 timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["field"] == field and "more than once" in response.json()["error"]
     raw = b'{"prompt": "first", "prompt": "second", "ddim_steps": 2, "output": "json", "image": "' + B64.encode() + b'"}'
     response = requests.post(server.url, data=raw, headers={**server.auth(), "Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 200, response.text
