@@ -102,7 +102,8 @@ class WinogradConv2d(nn.Module):
         for start in range(0, n, part):
             self._winograd(x[start:start + part].contiguous(memory_format=torch.channels_last),
                            out[start:start + part])
-        return out.contiguous()
+        # in the layout it came in: a channels-last model (the VAE decoder) keeps its maps channels-last
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     def _winograd(self, x: torch.Tensor, out: torch.Tensor) -> None:
         n, channels, height, width = x.shape
