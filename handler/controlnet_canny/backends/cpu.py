@@ -372,7 +372,12 @@ def _record_shapes(model: nn.Module, probe: Probe, latent_sizes: list[tuple[int,
 
     One real probe at a small reference latent is watched, and its shapes are carried over to each size: a
     feature map's sides scale with the latent's, a token sequence read from one has the map's area (a sequence
-    of text tokens does not change). Cheaper than a probe per size, even on fake tensors."""
+    of text tokens does not change). Cheaper than a probe per size, even on fake tensors.
+
+    The VAE decoder's layers are carried to the first size only (the pipeline's first is square, its smallest):
+    they run once per image, not per step, on maps up to 8 times the latent's sides, which at every size took
+    longer to time than all the rest. That a choice made on its square maps holds on other aspect ratios is what
+    `scripts/bench.py --decode` checks on a landscape output."""
     reference: dict[nn.Module, list[tuple]] = defaultdict(list)
     channels_last: set[nn.Module] = set()
     reference_attention: list[tuple] = []
@@ -400,7 +405,12 @@ def _record_shapes(model: nn.Module, probe: Probe, latent_sizes: list[tuple[int,
             hook.remove()
         for m, attend in swapped:
             m.attend = attend
-    layer_shapes = {m: {_carried(s, size) for s in shapes for size in latent_sizes} for m, shapes in reference.items()}
+    decoder_layers = {m for decoder in model.modules() if isinstance(decoder, Decoder) for m in decoder.modules()}
+
+    def sizes(layer: nn.Module) -> list[tuple[int, int]]:
+        return latent_sizes[:1] if layer in decoder_layers else latent_sizes
+
+    layer_shapes = {m: {_carried(s, size) for s in shapes for size in sizes(m)} for m, shapes in reference.items()}
     attention_shapes: dict[tuple, int] = defaultdict(int)
     for size in latent_sizes:
         for q, k, heads in reference_attention:
