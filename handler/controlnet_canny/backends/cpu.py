@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import MADV_PAGEOUT, advise_pages
 from ..unet import CrossAttention, multihead_attention
 from ..vae import Decoder
 from . import Backend, BackendOptions, Probe
@@ -204,9 +205,12 @@ class CpuBackend(Backend):
         if self.options.decoder_layout == "channels_last":
             # Before the probe, so that its layers are timed on the layout they then run on. oneDNN convolves
             # channels-last maps without reordering them to and from its blocked layout, which at the decoder's
-            # full-resolution maps costs about as much as the convolution (docs/benchmarks.md).
+            # full-resolution maps takes a large share of a convolution's time (docs/benchmarks.md).
             for decoder in (m for m in model.modules() if isinstance(m, Decoder)):
+                loaded = [weight.detach() for weight in decoder.parameters() if weight.dim() == 4]
                 decoder.to(memory_format=torch.channels_last)
+                for weight in loaded:  # fp32 weights were still mapped from the checkpoint: their copy replaced them
+                    advise_pages(weight, MADV_PAGEOUT)
         directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
                                                                    Path(self.options.calibration_cache))
         cache = CalibrationCache(directory, self.dtype)

@@ -68,8 +68,9 @@ def applicable(module: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _transformed_input(numel: int) -> torch.Tensor:
-    """Room for a transformed input, reused: it is the largest buffer of a convolution (at 512 px, 40-70 MB),
-    and one allocated per call would be mapped and page-faulted afresh every time."""
+    """Room for a transformed input, reused: it is the largest buffer of a convolution (at 512 px, 40-70 MB in
+    the UNet, up to half a GB at the VAE decoder's 512-channel maps), and one allocated per call would be mapped
+    and page-faulted afresh every time."""
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < numel:
         buffer = _scratch.buffer = torch.empty(numel)
