@@ -22,12 +22,14 @@ other things (see their help).
   bench.py --recipes --shapes 1:1 --sizes 512 --precisions bf16   # whole images: samplers and their options
   bench.py --adapters --shapes 1:1 --sizes 512 --precisions bf16  # whole images with LCM-LoRA and TAESD, and diffusers
   bench.py --token-merging 0.5 --sizes 512 768 --shapes 1:1 --precisions bf16   # token merging on against off
+  bench.py --decode --shapes 1:1 4:3 --sizes 512  # the VAE decoder plain against the backend's levers on it
   bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
            --checkpoint artifacts/tiny/control_tiny_canny.pth --sizes 64 128   # the tiny model: a smoke test
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import os
@@ -806,6 +808,71 @@ def adapter_recipes(args: argparse.Namespace) -> None:
         gc.collect()
 
 
+# ------------------------------------------------------------------------------------------------- VAE decode
+
+# What the decoder runs with, beside plain (every backend lever off, maps as loaded): one lever at a time, then all.
+DECODE_VARIANTS = {
+    "channels_last": BackendOptions(prepack="none", winograd="none", attention="torch", calibration_cache=""),
+    "layers": BackendOptions(decoder_layout="contiguous", calibration_cache=""),
+    "all": BackendOptions(calibration_cache=""),
+}
+
+
+def decode_ab(args: argparse.Namespace) -> None:
+    """The full VAE decoder (the config's, random weights) plain beside the CPU backend's levers on it, calibrated
+    here as a worker's load does (its added calibration time); one decode of each in turn, min of --repeats."""
+    from controlnet_canny.backends.cpu import CpuBackend
+    from controlnet_canny.pipeline import CALIBRATION_ASPECTS, CALIBRATION_RESOLUTION
+    from controlnet_canny.preprocess import output_size
+    from controlnet_canny.vae import AutoencoderKL
+
+    cfg = load_config(args.config)
+    factor = cfg.latent_factor
+    latent_sizes = [(h // factor, w // factor)
+                    for h, w in (output_size(ah, aw, CALIBRATION_RESOLUTION) for ah, aw in CALIBRATION_ASPECTS)]
+    shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
+    print(machine_header(args.device))
+    print("| shape (HxW) | dtype | plain s | " + " | ".join(f"{name} s" for name in DECODE_VARIANTS) + " | all vs plain |"
+          " largest difference from plain, of its largest magnitude |")
+    print("|---|---|---|" + "---|" * len(DECODE_VARIANTS) + "---|---|")
+    for precision in args.precisions:
+        dtype = PRECISIONS[precision]
+        torch.manual_seed(0)
+        plain = AutoencoderKL(cfg.vae, cfg.schedule.scale_factor).to(dtype).eval().requires_grad_(False)
+        vaes = {"plain": plain}
+        for name, options in DECODE_VARIANTS.items():
+            vae = vaes[name] = copy.deepcopy(plain)
+
+            def probe(latent: tuple[int, int], vae=vae) -> None:  # what the pipeline's probe decodes
+                vae.decode(torch.zeros(1, cfg.vae.z_channels, *latent, dtype=dtype))
+
+            backend = CpuBackend(args.device, dtype, options)
+            start = time.perf_counter()
+            backend.prepare(vae, probe, latent_sizes, f"vae-{name}")
+            log(f"{precision} {name}: prepared in {time.perf_counter() - start:.1f} s, {backend.summary()}")
+        for shape in shapes:
+            z = torch.randn(1, cfg.vae.z_channels, shape.height // factor, shape.width // factor,
+                            generator=torch.Generator().manual_seed(0)).to(dtype)
+            times: dict[str, list[float]] = {name: [] for name in vaes}
+            images = {}
+            with torch.inference_mode():
+                for _ in range(args.repeats):
+                    for name, vae in vaes.items():
+                        start = time.perf_counter()
+                        images[name] = vae.decode(z).float()
+                        times[name].append(time.perf_counter() - start)
+            log(f"{shape.label} {precision} s per decode, in turn: "
+                + "; ".join(f"{name} {' '.join(f'{t:.2f}' for t in ts)}" for name, ts in times.items()))
+            best = {name: min(ts) for name, ts in times.items()}
+            difference = (max((images[name] - images["plain"]).abs().max().item() for name in DECODE_VARIANTS)
+                          / images["plain"].abs().max().item())
+            print(f"| {shape.label} | {precision} | {best['plain']:.2f} | "
+                  + " | ".join(f"{best[name]:.2f}" for name in DECODE_VARIANTS)
+                  + f" | {ratio(best['plain'], best['all'])} | {difference:.1e} |", flush=True)
+        del vaes, plain
+        gc.collect()
+
+
 def drift(device: torch.device) -> dict[str, tuple[float, float]]:
     """Max and mean abs difference (uint8 levels) between the tiny model's images on CPU in fp32 and in each
     other precision the device runs (on a GPU fp32 too), per setting."""
@@ -888,7 +955,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--token-merging", type=float, metavar="RATIO",
                         help="only time ours per step with token_merging_ratio RATIO against off, step by step in "
                              "turn in one process (--repeats requests of --steps steps each side)")
-    parser.add_argument("--repeats", type=int, default=3, help="with --token-merging: requests per side")
+    parser.add_argument("--repeats", type=int, default=3, help="with --token-merging: requests per side; with "
+                        "--decode: decodes per variant")
+    parser.add_argument("--decode", action="store_true", help="only time the VAE decoder (random weights, no "
+                        "checkpoint) plain against the CPU backend's levers on it, one decode of each in turn")
     parser.add_argument("--attention", default="auto", help="with --token-merging: handler.backend.attention (auto: "
                         "measured at load, which a busy machine can sway; or torch, avx512, avx2)")
     args = parser.parse_args()
@@ -896,6 +966,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--device cuda: no CUDA device is usable here (torch {torch.__version__}, "
                      f"built for CUDA {torch.version.cuda or 'none'})")
     args.precisions = args.precisions or DEFAULT_PRECISIONS[args.device]
+    if args.decode and args.device != "cpu":
+        parser.error("--decode times the CPU backend's levers: --device cpu")
     if args.device == "cpu" and "fp16" in args.precisions:
         parser.error("fp16 is a CUDA precision; on CPU use fp32 or bf16")
     if args.device == "cpu" and args.compile:
@@ -925,6 +997,9 @@ def main() -> None:
         served, bare = service_overhead(args.service, args.key_file, count=20)
         print(f"tiny 64x64, 1 step, median of 20: through TorchServe {served * 1000:.0f} ms, "
               f"in-process {bare * 1000:.0f} ms, service overhead {(served - bare) * 1000:.0f} ms")
+        return
+    if args.decode:
+        decode_ab(args)
         return
     if args.checkpoint == SYNTHETIC_CHECKPOINT and not SYNTHETIC_CHECKPOINT.exists():
         log(f"writing the synthetic checkpoint {SYNTHETIC_CHECKPOINT} (once) ...")

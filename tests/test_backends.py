@@ -105,16 +105,20 @@ def test_packing_is_kept_only_for_layer_classes_that_win_at_every_shape(tiny_che
     model = pipe.model
     packed = _packed(model)
     assert packed, "linears win everywhere: they must be packed"
-    assert all(isinstance(model.get_submodule(name), PackedLinear) for name in packed)
+    assert all(isinstance(model.get_submodule(name), PackedLinear) for name in packed
+               if not name.startswith("first_stage_model."))
     per_step = ("model.diffusion_model.", "control_model.", "cond_stage_model.")
     left_plain = _plain_packable(model)
     # every linear the denoising step and the text encoder run is packed...
     assert not [n for n in left_plain if n.startswith(per_step) and type(model.get_submodule(n)) in (nn.Linear, TokenProjection)
                 and not n.startswith("control_model.input_hint_block")]
-    # ...no spatial convolution is, and what the probe does not run (VAE decoder, hint encoder) stays plain
+    # ...no spatial convolution of the denoising networks is, and the hint encoder, which the probe does not run,
+    # stays plain
     assert any(n.startswith("model.diffusion_model.input_blocks.1.0.in_layers") for n in left_plain)
-    assert any(n.startswith("first_stage_model.decoder") for n in left_plain)
     assert any(n.startswith("control_model.input_hint_block") for n in left_plain)
+    # The VAE decoder's convolutions are timed on the square size's maps only (`cpu._record_shapes`): a cliff on
+    # landscape maps alone goes unseen there, and they are packed.
+    assert all(isinstance(m, PackedConv2d) for m in _decoder_layers(model).values())
     assert "prepack" in pipe.backend.summary() and "measured" in pipe.backend.summary()
 
 
@@ -230,6 +234,8 @@ def test_forced_choices(tiny_checkpoint, tmp_path):
         BackendOptions.from_mapping({"winograd": "always"})
     with pytest.raises(ValueError, match="unknown keys"):
         BackendOptions.from_mapping({"packing": "all"})
+    with pytest.raises(ValueError, match="backend.decoder_layout"):
+        BackendOptions.from_mapping({"decoder_layout": "nhwc"})
 
 
 class _FakeKernel:
@@ -326,11 +332,21 @@ def test_clocks_read_after_a_synchronisation_and_decoding_is_batched(tiny_pipeli
 
 def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_pipeline):
     sizes = [(32, 32), (32, 40), (32, 56), (40, 32)]
-    carried_layers, carried_attention = cpu._record_shapes(tiny_pipeline.model, tiny_pipeline._probe, sizes)
+    carried_layers, channels_last, carried_attention = cpu._record_shapes(tiny_pipeline.model, tiny_pipeline._probe,
+                                                                           sizes)
+    decoder = tiny_pipeline.model.first_stage_model.decoder
     seen: dict = {}
     seen_attention: dict = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.setdefault(m, set()).add(tuple(args[0].shape)))
-             for m in carried_layers]
+    seen_channels_last = set()
+    probed = []
+
+    def record_layer(m, args):
+        if m not in set(decoder.modules()) or probed[-1] == sizes[0]:  # the decoder's: at the first size only
+            seen.setdefault(m, set()).add(tuple(args[0].shape))
+        if args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous():
+            seen_channels_last.add(m)
+
+    hooks = [m.register_forward_pre_hook(record_layer) for m in carried_layers]
     attentions = [m for m in tiny_pipeline.model.modules() if isinstance(m, CrossAttention)]
     swapped = [(m, m.attend) for m in attentions]
 
@@ -344,6 +360,7 @@ def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_p
     try:
         with torch.inference_mode():
             for size in sizes:
+                probed.append(size)
                 tiny_pipeline._probe(size)
     finally:
         for hook in hooks:
@@ -352,6 +369,12 @@ def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_p
             m.attend = attend
     assert seen == carried_layers
     assert seen_attention == carried_attention
+    decoder_layers = {m for m in carried_layers if m in set(decoder.modules())}
+    assert decoder_layers and {(m.in_channels, m.out_channels) for m in decoder_layers} >= {(32, 32), (64, 64)}
+    # the decoder's maps arrive channels-last (its default layout on CPU) but for the latents (conv_in's input).
+    # (Outside it, this pipeline's packed twins can give the UNet's 1x2 deepest maps at the reference latent
+    # strides of either layout; the calibration watches the model before any twin is installed.)
+    assert seen_channels_last & decoder_layers == channels_last & decoder_layers == decoder_layers - {decoder.conv_in}
 
 
 # --- Winograd 3x3 convolutions ------------------------------------------------------------------------------------
@@ -387,6 +410,17 @@ def test_winograd_convolution_equals_the_direct_one(transforms, tile, batch, cha
         expected = conv(x)
         got = cpu_winograd.WinogradConv2d(conv, tile, batch * height * width, transforms)(x)
     assert got.shape == expected.shape and got.is_contiguous()
+    assert _relative_error(got, expected) < TOLERANCE[tile]
+
+
+@pytest.mark.parametrize("tile", cpu_winograd.TILES)
+def test_winograd_keeps_a_channels_last_map_channels_last(transforms, tile):
+    conv = nn.Conv2d(32, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 32, 6, 10).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = cpu_winograd.WinogradConv2d(conv, tile, 2 * 6 * 10, transforms)(x)
+        expected = conv(x.contiguous())
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
     assert _relative_error(got, expected) < TOLERANCE[tile]
 
 
@@ -471,7 +505,9 @@ def test_winograd_installed_where_it_won_gives_the_plain_image(tiny_checkpoint, 
     finally:
         timed.close()
     winograd = _winograd(pipe.model)
-    assert winograd and all(n.startswith(("model.diffusion_model.", "control_model.")) for n in winograd)
+    probed = ("model.diffusion_model.", "control_model.", "first_stage_model.decoder.")
+    assert winograd and all(n.startswith(probed) for n in winograd)
+    assert any(n.startswith("first_stage_model.decoder.up.0.") for n in winograd)
     assert {chosen for chosen, _ in winograd.values()} == {tile}
     assert not any(n.startswith("control_model.input_hint_block") for n in winograd)  # the probe does not time it
     assert all(type(pipe.model.get_submodule(n).conv) is nn.Conv2d for n in winograd)
@@ -491,3 +527,97 @@ def test_without_the_transforms_no_convolution_gets_winograd(tiny_checkpoint, tm
     pipe = _load(tiny_checkpoint, tmp_path, attention="torch")
     assert _winograd(pipe.model) == {}
     assert "0 F(2x2), 0 F(4x4) convolutions" in pipe.backend.summary()
+
+
+# --- the VAE decoder ----------------------------------------------------------------------------------------------
+
+def _decoder_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder's packable layers (or their twins), by name: its 3x3 convolutions."""
+    decoder = model.first_stage_model.decoder
+    replaced = {m.conv for m in decoder.modules() if isinstance(m, cpu_winograd.WinogradConv2d)}
+    return {name: m for name, m in decoder.named_modules() if isinstance(m, (PackedConv2d, cpu_winograd.WinogradConv2d))
+            or cpu_prepack.packable(m) and m not in replaced}
+
+
+def _decoded(pipe: ControlNetCannyPipeline) -> torch.Tensor:
+    latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        return pipe.model.first_stage_model.decode(latents).contiguous()
+
+
+@pytest.fixture(scope="module")
+def plain_decoded(tiny_checkpoint, tmp_path_factory) -> torch.Tensor:
+    """The tiny decoder's output with every lever off and its maps as loaded."""
+    plain = _load(tiny_checkpoint, tmp_path_factory.mktemp("plain"), prepack="none", winograd="none",
+                  attention="torch", decoder_layout="contiguous", calibration_cache="")
+    assert all(type(m) is nn.Conv2d and m.weight.is_contiguous() for m in _decoder_layers(plain.model).values())
+    return _decoded(plain)
+
+
+@needs_onednn
+def test_the_decoders_layers_are_calibrated_on_its_channels_last_maps(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                      plain_decoded):
+    """Packing wins everywhere (Winograd is off): every 3x3 convolution of the decoder is packed, after being
+    timed on channels-last maps of the sizes the probe's decode carried over; the decoded image stays."""
+    layouts: dict[str, set[bool]] = {}
+
+    def cost(layer, x):
+        if isinstance(layer, PackedConv2d) or type(layer) is nn.Conv2d:
+            layouts.setdefault(type(layer).__name__, set()).add(x.is_contiguous(memory_format=torch.channels_last)
+                                                                and not x.is_contiguous())
+        return 0.5 if isinstance(layer, (PackedConv2d, PackedLinear)) else 1.0
+
+    timed = _Timed(monkeypatch, cost)
+    try:
+        pipe = _load(tiny_checkpoint, tmp_path, winograd="none", attention="torch")
+    finally:
+        timed.close()
+    layers = _decoder_layers(pipe.model)
+    assert set(layers) >= {"conv_in", "conv_out", "mid.block_1.conv1", "up.0.block.0.conv1", "up.1.upsample.conv"}
+    assert all(isinstance(m, PackedConv2d) for m in layers.values())
+    assert {True, False} == layouts["Conv2d"] == layouts["PackedConv2d"]  # the decoder's maps, and the UNet's
+    assert (_decoded(pipe) - plain_decoded).abs().max() <= 1e-5 * plain_decoded.abs().max()
+
+
+@needs_onednn
+def test_prepack_all_packs_the_decoder_and_keeps_its_image(tiny_checkpoint, tmp_path, plain_decoded):
+    pipe = _load(tiny_checkpoint, tmp_path, prepack="all", winograd="none", attention="torch")
+    assert all(isinstance(m, PackedConv2d) for m in _decoder_layers(pipe.model).values())
+    assert (_decoded(pipe) - plain_decoded).abs().max() <= 1e-5 * plain_decoded.abs().max()
+
+
+@needs_onednn
+@pytest.mark.parametrize("tile", cpu_winograd.TILES)
+def test_winograd_in_the_decoder_keeps_its_image(tiny_checkpoint, tmp_path, monkeypatch, transforms, tile,
+                                                 plain_decoded):
+    def cost(layer, x):
+        if isinstance(layer, cpu_winograd.WinogradConv2d):
+            return 0.5 if layer.tile == tile else 0.6
+        return 1.0
+
+    timed = _Timed(monkeypatch, cost)
+    try:
+        pipe = _load(tiny_checkpoint, tmp_path, attention="torch")
+    finally:
+        timed.close()
+    layers = _decoder_layers(pipe.model)
+    winograd = [name for name, m in layers.items() if isinstance(m, cpu_winograd.WinogradConv2d)]
+    # every 3x3 convolution of whole lanes in and out: all but conv_in (4 channels in) and conv_out (3 out)
+    assert sorted(winograd) == sorted(set(layers) - {"conv_in", "conv_out"})
+    decoded = _decoded(pipe)
+    assert decoded.shape == plain_decoded.shape
+    assert (decoded - plain_decoded).abs().max() <= TOLERANCE[tile] * plain_decoded.abs().max()
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_prepack_none_and_winograd_none_leave_the_decoder_plain(tiny_checkpoint, tmp_path, plain_decoded, layout):
+    pipe = _load(tiny_checkpoint, tmp_path, prepack="none", winograd="none", decoder_layout=layout)
+    layers = _decoder_layers(pipe.model)
+    assert layers and all(type(m) is nn.Conv2d for m in layers.values())
+    channels_last = layout == "channels_last"
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) is channels_last for m in layers.values())
+    with torch.inference_mode():
+        latents = torch.randn(1, 4, 8, 8)
+        assert pipe.model.first_stage_model.decoder(latents).is_contiguous() is not channels_last
+    assert (_decoded(pipe) - plain_decoded).abs().max() <= 1e-5 * plain_decoded.abs().max()

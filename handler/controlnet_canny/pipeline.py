@@ -304,8 +304,8 @@ class ControlNetCannyPipeline:
         return self.adapters
 
     def _probe(self, latent_size: tuple[int, int]) -> None:
-        """The text encoder and one guided step of a one-sample request at this latent size, as `generate` runs
-        them (the backend watches it to see the shapes each layer gets)."""
+        """The text encoder, one guided step and the decode of a one-sample request at this latent size, as
+        `generate` and `finish` run them (the backend watches it to see the shapes each layer gets)."""
         height, width = latent_size
         context = self.model.cond_stage_model([""])
         hint_features = torch.zeros(1, self.config.unet.model_channels, height, width, device=self.device,
@@ -315,6 +315,7 @@ class ControlNetCannyPipeline:
                                     "balanced")
         latents = torch.zeros(1, self.config.unet.in_channels, height, width, device=self.device)
         self._guided_eps(latents, torch.ones(1, dtype=torch.long, device=self.device), conditioning, True, True)
+        self.model.first_stage_model.decode(latents.to(self.dtype))
 
     def prepare(self, image: np.ndarray | None, params: GenerationParams, control_image: np.ndarray | None = None,
                 init_image: np.ndarray | None = None) -> Prepared:

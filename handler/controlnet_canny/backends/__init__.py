@@ -27,6 +27,7 @@ class BackendOptions:
     winograd: str = "auto"  # CPU, fp32: auto (3x3 convolutions by Winograd up to the largest map it won at), none
     attention: str = "auto"  # CPU: auto (measured), torch, or a kernel variant such as avx512 / avx2
     calibration_cache: str = "default"  # CPU: directory of the measured choices; default: ~/.cache/...; "": none
+    decoder_layout: str = "channels_last"  # CPU: the VAE decoder's memory format: channels_last or contiguous
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> BackendOptions:
@@ -36,6 +37,9 @@ class BackendOptions:
             raise ValueError(f"backend.prepack must be auto, all or none, got {options.prepack!r}")
         if options.winograd not in ("auto", "none"):
             raise ValueError(f"backend.winograd must be auto or none, got {options.winograd!r}")
+        if options.decoder_layout not in ("channels_last", "contiguous"):
+            raise ValueError("backend.decoder_layout must be channels_last or contiguous, "
+                             f"got {options.decoder_layout!r}")
         return options
 
 

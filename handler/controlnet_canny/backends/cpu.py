@@ -1,14 +1,14 @@
 """CPUs: oneDNN-packed weights, Winograd 3x3 convolutions and a C attention kernel, each used only where it
-measured faster on this machine.
+measured faster on this machine, and the VAE decoder's maps laid out channels-last.
 
 Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3,
 see docs/benchmarks.md) and on the shapes a layer sees (Winograd's gain shrinks as maps grow). So at load the
 backend finds every shape each layer of the model sees at a calibration size in several aspect ratios (carried
-over from one small real forward), times the candidates of each distinct layer class on those shapes, and keeps
-packing only for the classes where it wins at every shape; Winograd (the larger tile only where it beats the
-smaller at every shape) is also timed at larger maps and runs up to the largest input it won at. The choices are
-cached per machine, torch version, thread count and dtype (unless other processes were busy while they were timed;
-workers loading at once take turns), logged in one line, and can be forced in model-config.yaml
+over from one small real forward and decode), times the candidates of each distinct layer class on those shapes,
+and keeps packing only for the classes where it wins at every shape; Winograd (the larger tile only where it beats
+the smaller at every shape) is also timed at larger maps and runs up to the largest input it won at. The choices
+are cached per machine, torch version, thread count and dtype (unless other processes were busy while they were
+timed; workers loading at once take turns), logged in one line, and can be forced in model-config.yaml
 (`handler.backend`).
 """
 from __future__ import annotations
@@ -32,14 +32,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import MADV_PAGEOUT, advise_pages
 from ..unet import CrossAttention, multihead_attention
+from ..vae import Decoder
 from . import Backend, BackendOptions, Probe
 from . import cpu_attention, cpu_prepack, cpu_winograd
 from .cpu_build import cpu_flags
 
 log = logging.getLogger(__name__)
 
-CHOICES_FORMAT = "choices-v3"  # part of a cache entry's key: an entry written by older code is measured again
+CHOICES_FORMAT = "choices-v4"  # part of a cache entry's key: an entry written by older code is measured again
 WIN_MARGIN = 0.95  # a lever must take at most 95% of the plain time: within timing noise, plain is kept
 TIME_BUDGET_S = 0.05  # per candidate and shape: a third run only while two took less
 MIN_RUNS, MAX_RUNS = 2, 3
@@ -200,12 +202,21 @@ class CpuBackend(Backend):
         return cpu_winograd.load()  # compiled once per load, and only where a convolution may take it
 
     def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
+        if self.options.decoder_layout == "channels_last":
+            # Before the probe, so that its layers are timed on the layout they then run on. oneDNN convolves
+            # channels-last maps without reordering them to and from its blocked layout, which at the decoder's
+            # full-resolution maps takes a large share of a convolution's time (docs/benchmarks.md).
+            for decoder in (m for m in model.modules() if isinstance(m, Decoder)):
+                loaded = [weight.detach() for weight in decoder.parameters() if weight.dim() == 4]
+                decoder.to(memory_format=torch.channels_last)
+                for weight in loaded:  # fp32 weights were still mapped from the checkpoint: their copy replaced them
+                    advise_pages(weight, MADV_PAGEOUT)
         directory = {"default": default_cache_dir(), "": None}.get(self.options.calibration_cache,
                                                                    Path(self.options.calibration_cache))
         cache = CalibrationCache(directory, self.dtype)
         options = self.options
         key = (f"{CHOICES_FORMAT} {model_id} latents {latent_sizes} prepack {options.prepack} "
-               f"winograd {options.winograd} attention {options.attention}")
+               f"winograd {options.winograd} attention {options.attention} decoder {options.decoder_layout}")
         calibration = "cached"
         with cache.exclusive():
             choice = cache.entries.get(key)
@@ -242,15 +253,16 @@ class CpuBackend(Backend):
         return "cpu: " + ", ".join(f"{name} {choice}" for name, choice in self.choices.items())
 
     def _measure(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]]) -> dict:
-        layer_shapes, attention_shapes = _record_shapes(model, probe, latent_sizes)
+        layer_shapes, channels_last, attention_shapes = _record_shapes(model, probe, latent_sizes)
         names = {module: name for name, module in model.named_modules()}
-        by_class: dict[str, list[nn.Module]] = defaultdict(list)
+        by_class: dict[tuple[str, bool], list[nn.Module]] = defaultdict(list)
         for module in layer_shapes:
-            by_class[_layer_class(module)].append(module)
+            by_class[_layer_class(module), module in channels_last].append(module)
         packed, winograd = [], {}
-        for modules in by_class.values():
+        for (_, is_channels_last), modules in by_class.items():
             shapes = sorted(set().union(*(layer_shapes[m] for m in modules)))
-            is_packed, tile, positions = self._choose_twin(modules[0], shapes)
+            layout = torch.channels_last if is_channels_last else torch.contiguous_format
+            is_packed, tile, positions = self._choose_twin(modules[0], shapes, layout)
             if positions:
                 winograd.update(dict.fromkeys(modules, [tile, positions]))
             elif is_packed:
@@ -261,11 +273,12 @@ class CpuBackend(Backend):
                 "classes": f"{packed_classes}/{len(by_class)} classes packed",
                 "attention": self._choose_attention(attention_shapes)}
 
-    def _choose_twin(self, layer: nn.Module, shapes: list[tuple]) -> tuple[bool, int, int]:
-        """Whether the layer class is packed (packed must win at every shape it sees: no request shape may get
-        slower than plain), the Winograd tile that beats that choice at every shape (a larger tile must also
-        beat the smaller one everywhere), and the largest input (batch x height x width) up to which it does at
-        every shape timed (0: none does). Where Winograd runs, it replaces packing: maps beyond its bound run
+    def _choose_twin(self, layer: nn.Module, shapes: list[tuple],
+                     layout: torch.memory_format = torch.contiguous_format) -> tuple[bool, int, int]:
+        """Whether the layer class (its inputs in `layout`) is packed (packed must win at every shape it sees: no
+        request shape may get slower than plain), the Winograd tile that beats that choice at every shape (a larger
+        tile must also beat the smaller one everywhere), and the largest input (batch x height x width) up to which
+        it does at every shape timed (0: none does). Where Winograd runs, it replaces packing: maps beyond its bound run
         plain, so that no layer holds a second copy of its weight."""
         onednn = cpu_prepack.supported(self.device, self.dtype)  # Winograd's products are oneDNN's too
         packing = onednn and self.options.prepack != "none"
@@ -285,7 +298,7 @@ class CpuBackend(Backend):
             return all(seconds(twin, x) <= WIN_MARGIN * seconds(than, x) for x in inputs)
 
         with torch.inference_mode():
-            inputs = [torch.randn(shape, dtype=self.dtype) for shape in shapes]
+            inputs = [_random(shape, self.dtype, layout) for shape in shapes]
             base = layer
             if packing:
                 packed = cpu_prepack.packed_twin(layer)
@@ -301,7 +314,7 @@ class CpuBackend(Backend):
             largest = max(shapes, key=_positions)
             positions = _positions(largest)
             for scale in WINOGRAD_SCALES:
-                x = torch.randn(*largest[:2], largest[2] * scale, largest[3] * scale, dtype=self.dtype)
+                x = _random((*largest[:2], largest[2] * scale, largest[3] * scale), self.dtype, layout)
                 if not faster(chosen, base, [x]):
                     break
                 positions = _positions(x.shape)
@@ -330,6 +343,16 @@ class CpuBackend(Backend):
         return best if seconds[best] <= WIN_MARGIN * seconds["torch"] else "torch"
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A map laid out channels-last (one with a single channel or pixel is both layouts: contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _random(shape: tuple, dtype: torch.dtype, layout: torch.memory_format) -> torch.Tensor:
+    x = torch.randn(shape, dtype=dtype)
+    return x.contiguous(memory_format=layout) if x.dim() == 4 else x
+
+
 def _positions(shape: tuple) -> int:
     """What Winograd's cost grows with: the input's batch x height x width."""
     return shape[0] * shape[2] * shape[3]
@@ -348,13 +371,19 @@ def _attention_seconds(attend, shapes: dict[tuple, int], dtype: torch.dtype) -> 
 
 
 def _record_shapes(model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]]):
-    """Input shapes of every packable layer, and (q, k, heads) shapes of every attention call with their counts,
-    at each latent size.
+    """Input shapes of every packable layer at each latent size, the layers whose inputs are channels-last maps,
+    and (q, k, heads) shapes of every attention call with their counts.
 
     One real probe at a small reference latent is watched, and its shapes are carried over to each size: a
     feature map's sides scale with the latent's, a token sequence read from one has the map's area (a sequence
-    of text tokens does not change). Cheaper than a probe per size, even on fake tensors."""
+    of text tokens does not change). Cheaper than a probe per size, even on fake tensors.
+
+    The VAE decoder's layers are carried to the first size only (the pipeline's first is square, its smallest):
+    they run once per image, not per step, on maps up to 8 times the latent's sides, which at every size took
+    longer to time than all the rest. That a choice made on its square maps holds on other aspect ratios is what
+    `scripts/bench.py --decode` checks on a landscape output."""
     reference: dict[nn.Module, list[tuple]] = defaultdict(list)
+    channels_last: set[nn.Module] = set()
     reference_attention: list[tuple] = []
     layers = [m for m in model.modules() if cpu_prepack.packable(m)]
     attentions = [m for m in model.modules() if isinstance(m, CrossAttention)]
@@ -363,7 +392,12 @@ def _record_shapes(model: nn.Module, probe: Probe, latent_sizes: list[tuple[int,
         reference_attention.append((tuple(q.shape), tuple(k.shape), heads))
         return multihead_attention(q, k, v, heads)
 
-    hooks = [m.register_forward_pre_hook(lambda m, args: reference[m].append(tuple(args[0].shape))) for m in layers]
+    def record_layer(module, args):
+        reference[module].append(tuple(args[0].shape))
+        if _is_channels_last(args[0]):
+            channels_last.add(module)
+
+    hooks = [m.register_forward_pre_hook(record_layer) for m in layers]
     swapped = [(m, m.attend) for m in attentions]
     for m in attentions:
         m.attend = record_attention
@@ -375,16 +409,22 @@ def _record_shapes(model: nn.Module, probe: Probe, latent_sizes: list[tuple[int,
             hook.remove()
         for m, attend in swapped:
             m.attend = attend
-    layer_shapes = {m: {_carried(s, size) for s in shapes for size in latent_sizes} for m, shapes in reference.items()}
+    decoder_layers = {m for decoder in model.modules() if isinstance(decoder, Decoder) for m in decoder.modules()}
+
+    def sizes(layer: nn.Module) -> list[tuple[int, int]]:
+        return latent_sizes[:1] if layer in decoder_layers else latent_sizes
+
+    layer_shapes = {m: {_carried(s, size) for s in shapes for size in sizes(m)} for m, shapes in reference.items()}
     attention_shapes: dict[tuple, int] = defaultdict(int)
     for size in latent_sizes:
         for q, k, heads in reference_attention:
             attention_shapes[(_carried(q, size), _carried(k, size), heads)] += 1
-    return layer_shapes, attention_shapes
+    return layer_shapes, channels_last, attention_shapes
 
 
 def _carried(shape: tuple, latent: tuple[int, int]) -> tuple:
-    """A shape seen at REFERENCE_LATENT, as it is at `latent` (sides multiples of 8, as every output size gives)."""
+    """A shape seen at REFERENCE_LATENT, as it is at `latent` (sides multiples of 8, as every output size gives);
+    a map's sides scale with the latent's, the decoder's upsampled ones too."""
     (ref_h, ref_w), (h, w) = REFERENCE_LATENT, latent
     if len(shape) == 4:
         return (*shape[:2], shape[2] * h // ref_h, shape[3] * w // ref_w)

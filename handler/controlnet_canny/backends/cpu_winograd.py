@@ -68,8 +68,9 @@ def applicable(module: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _transformed_input(numel: int) -> torch.Tensor:
-    """Room for a transformed input, reused: it is the largest buffer of a convolution (at 512 px, 40-70 MB),
-    and one allocated per call would be mapped and page-faulted afresh every time."""
+    """Room for a transformed input, reused: it is the largest buffer of a convolution (at 512 px, 40-70 MB in
+    the UNet, up to half a GB at the VAE decoder's 512-channel maps), and one allocated per call would be mapped
+    and page-faulted afresh every time."""
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < numel:
         buffer = _scratch.buffer = torch.empty(numel)
@@ -102,7 +103,8 @@ class WinogradConv2d(nn.Module):
         for start in range(0, n, part):
             self._winograd(x[start:start + part].contiguous(memory_format=torch.channels_last),
                            out[start:start + part])
-        return out.contiguous()
+        # in the layout it came in: a channels-last model (the VAE decoder) keeps its maps channels-last
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     def _winograd(self, x: torch.Tensor, out: torch.Tensor) -> None:
         n, channels, height, width = x.shape
