@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_CONFIG
 from controlnet_canny import adapters as adapter_store
 from controlnet_canny import samplers
+from controlnet_canny.backends import BackendOptions
 from controlnet_canny.config import load_config
 from controlnet_canny.params import GenerationParams, Limits, ParamError, parse_params
 from controlnet_canny.pipeline import ControlNetCannyPipeline
@@ -110,9 +111,13 @@ def test_files_added_replaced_and_removed_are_picked_up_without_a_restart(pipe, 
     assert pipe.adapters.taesd() is None
 
 
-def test_requests_without_adapters_are_unchanged_by_a_store(pipe, tiny_pipeline, house_image):
-    ours = pipe.generate([pipe.prepare(house_image, params())])[0].images[0]
-    plain = tiny_pipeline.generate([tiny_pipeline.prepare(house_image, params())])[0].images[0]
+def test_requests_without_adapters_are_unchanged_by_a_store(tiny_checkpoint, store, house_image):
+    """Bit for bit: the backend's levers forced alike on both (timed choices may differ between two loads on a busy
+    machine, and round differently)."""
+    plain_levers = BackendOptions(prepack="none", winograd="none", attention="torch", calibration_cache="")
+    loaded = [ControlNetCannyPipeline.load([tiny_checkpoint], TINY_CONFIG, "cpu", "fp32", plain_levers, adapters)
+              for adapters in (store, None)]
+    ours, plain = (p.generate([p.prepare(house_image, params())])[0].images[0] for p in loaded)
     assert np.array_equal(ours, plain)
 
 
@@ -141,7 +146,8 @@ def test_requests_with_other_adapters_batch_apart_and_get_what_they_get_alone(pi
     assert [len(g) for g in pipe.groups(samplings)] == [1, 2, 1, 1]
     together = final_latents(pipe, prepared)
     for a, b in zip(alone, together):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-3)
+        # the backend's levers may take another kernel at another batch size (Winograd up to a measured input size)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-3 * float(a.abs().max()))
     assert torch.equal(alone[0], together[0])  # evaluated alone in both runs
     unstyled = final_latents(pipe, [pipe.prepare(house_image, params(seed=11))])[0]
     assert (unstyled - together[1]).abs().mean() > 0.1
