@@ -453,7 +453,8 @@ def token_merging_ab(pipe: ControlNetCannyPipeline, shapes: list[Shape], ratio: 
 def lora_application(args: argparse.Namespace) -> None:
     """Per denoising step at 512x512, a rank-64 LoRA of the LCM-LoRA layout: none, unfused hooks, fused into the
     backend's twins (and what fusing costs), LCM's 1 sample at scale 1 and a guided sample; sides interleaved,
-    median and min of `--repeats` steps each (the first of each side untimed). Then the memory each form holds."""
+    median and min of `--repeats` steps each (the first of each side untimed), and the hooks' share of a step that
+    the backend's `lora_fusion: auto` measures. Then the memory each form holds."""
     from controlnet_canny.backends.cpu_lora import FusedLoRA
     from controlnet_canny.lora import LoRAPatch, read_lora
 
@@ -477,7 +478,8 @@ def lora_application(args: argparse.Namespace) -> None:
               f"{len(patch.unet_only().layers)} layers took {build:.2f} s")
         print("| request | none | unfused | fused | unfused vs none | fused vs none | auto measured |\n"
               "|---|---|---|---|---|---|---|")
-        for label, fields in (("LCM, 1 sample, scale 1", dict(sampler="lcm", scale=1.0)), ("guided, 1 sample (batch 2)", {})):
+        for label, fields in (("LCM, 1 sample, scale 1", dict(sampler="lcm", scale=1.0)),
+                              ("guided, 1 sample (batch 2)", {})):
             params = GenerationParams(prompt="a house", image_resolution=512, ddim_steps=args.repeats + 1, seed=0,
                                       **fields)
             samplings = {side: pipe.start(pipe.prepare(photo((1, 1)), params)) for side in sides}
@@ -496,9 +498,10 @@ def lora_application(args: argparse.Namespace) -> None:
             with application.applied(pipe.model):
                 pipe.step([pipe.start(pipe.prepare(photo((1, 1)), params))])
             measured = getattr(application, "unfused_share", None)
+            choice = {"auto": "fused once it pays"}.get(application.choice, application.choice)
             print(f"| {label} | " + " | ".join(f"{median[s]:.3f} ({min(times[s]):.3f})" for s in sides)
                   + f" | {median['unfused'] / median['none']:.3f}x | {median['fused'] / median['none']:.3f}x | "
-                  + ("-" if measured is None else f"+{100 * measured:.0f}%, {application.choice}") + " |", flush=True)
+                  + ("-" if measured is None else f"+{100 * measured:.0f}%, {choice}") + " |", flush=True)
         factors = sum(t.nbytes for layer in lora.layers.values() for t in (layer.down, layer.up))
         patched = sum(t.nbytes for layer in patch.layers.values() for t in (layer.down, layer.up))
         unet = sum(t.nbytes for layer in patch.unet_only().layers.values() for t in (layer.down, layer.up))

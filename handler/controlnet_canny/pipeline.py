@@ -488,8 +488,8 @@ class ControlNetCannyPipeline:
                         merging_generators=merging_generators, unet_loras=self._lora_patch(prepared.adapters, "unet"))
 
     def _lora_patch(self, adapters: RequestAdapters, part: str) -> Applicable | None:
-        """The request's LoRAs on `part` (unet | text) ready in the serving dtype, shared by the requests of equal
-        LoRAs and weights; None without any."""
+        """The request's LoRAs on `part` (unet | text) ready in the serving dtype (on the UNet, applied as the backend
+        chooses), shared by the requests of equal LoRAs and weights; None without any."""
         key = (part, adapters.lora_key(part))
         if not key[1]:
             return None
