@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 Probe = Callable[[tuple[int, int]], None]
 
 
-
 class Applicable(Protocol):
     """LoRAs ready for a model: `with applicable.applied(model):` evaluations run with them."""
 
@@ -38,7 +37,7 @@ class BackendOptions:
     winograd: str = "auto"  # CPU, fp32: auto (3x3 convolutions by Winograd up to the largest map it won at), none
     attention: str = "auto"  # CPU: auto (measured), torch, or a kernel variant such as avx512 / avx2
     calibration_cache: str = "default"  # CPU: directory of the measured choices; default: ~/.cache/...; "": none
-    lora_fusion: str = "auto"  # CPU: auto (fused where the unfused hooks measured slower), fused, unfused
+    lora_fusion: str = "auto"  # CPU: auto (fused where the hooks measured slower, once that pays), fused, unfused
     lora_cache_mib: str = "4096"  # CPU: fused copies of the LoRA sets used last, at most this many MiB
 
     @classmethod

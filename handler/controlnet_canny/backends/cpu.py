@@ -242,9 +242,10 @@ class CpuBackend(Backend):
 
     def lora_application(self, patch: LoRAPatch, model: nn.Module) -> Applicable:
         """Unfused hooks, or fused copies of the patched layers (the twins this backend chose for them, with merged
-        weights), swapped in per evaluation: in `auto` whichever the set's first evaluation measures faster, as
-        for the backend's other levers. Fused copies are kept for the sets used last, within lora_cache_mib; a set
-        whose copy exceeds it stays unfused."""
+        weights) swapped in per evaluation: in `auto`, fused where the hooks measured on the set's first evaluation
+        cost more than a lever must win, once the time they added pays for the build (`cpu_lora.LoRAApplication`).
+        Fused copies are kept for the sets used last within lora_cache_mib; a set whose copy exceeds it stays
+        unfused."""
         if self.options.lora_fusion == "unfused":
             return patch
         return cpu_lora.LoRAApplication(patch, self.options.lora_fusion, self.fused_loras, self._twin_like,
