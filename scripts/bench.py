@@ -21,6 +21,7 @@ other things (see their help).
   bench.py --device cuda --compile                # GPU: fp16 and bf16, torch.compile
   bench.py --recipes --shapes 1:1 --sizes 512 --precisions bf16   # whole images: samplers and their options
   bench.py --adapters --shapes 1:1 --sizes 512 --precisions bf16  # whole images with LCM-LoRA and TAESD, and diffusers
+  bench.py --lora-application --precisions bf16 --no-openvino --repeats 5   # a LoRA unfused, fused, none
   bench.py --token-merging 0.5 --sizes 512 768 --shapes 1:1 --precisions bf16   # token merging on against off
   bench.py --decode --shapes 1:1 4:3 --sizes 512  # the VAE decoder plain against the backend's levers on it
   bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
@@ -29,6 +30,7 @@ other things (see their help).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import math
@@ -39,6 +41,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -447,6 +450,68 @@ def token_merging_ab(pipe: ControlNetCannyPipeline, shapes: list[Shape], ratio: 
               f"{min(times[ratio]):.3f}-{max(times[ratio]):.3f} | "
               + " | ".join(f"{n}: {ms['installed']:.3g} ({ms['torch']:.3g})" for n, ms in attention.items()) + " |",
               flush=True)
+
+
+def lora_application(args: argparse.Namespace) -> None:
+    """Per denoising step at 512x512, a rank-64 LoRA of the LCM-LoRA layout: none, unfused hooks, fused into the
+    backend's twins (and what fusing costs), LCM's 1 sample at scale 1 and a guided sample; sides interleaved,
+    median and min of `--repeats` steps each (the first of each side untimed), and the hooks' share of a step that
+    the backend's `lora_fusion: auto` measures. Then the memory each form holds."""
+    from controlnet_canny.backends.cpu_lora import FusedLoRA
+    from controlnet_canny.lora import LoRAPatch, read_lora
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny_adapters import write_lora
+
+    print(machine_header(args.device))
+    for precision in args.precisions:
+        pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision)
+        log(f"{precision}: backend {backend_summary(pipe)}")
+        with tempfile.TemporaryDirectory() as directory:
+            path = write_lora(Path(directory) / "lcm.safetensors", pipe.config, "kohya", rank=64, seed=0, alpha=64)
+            lora = read_lora(path, pipe.lora_targets, pipe.config.unet)
+        patch = LoRAPatch.build([(lora, 1.0)], pipe.device, pipe.dtype)
+        start = time.perf_counter()
+        fused = FusedLoRA(patch.unet_only(), pipe.model, pipe.backend._twin_like)
+        build = time.perf_counter() - start
+        sides = {"none": contextlib.nullcontext, "unfused": lambda: patch.unet_only().applied(pipe.model),
+                 "fused": lambda: fused.applied(pipe.model)}
+        print(f"\n{precision}, 512x512, s/step median (min) of {args.repeats}; fusing the UNet's "
+              f"{len(patch.unet_only().layers)} layers took {build:.2f} s")
+        print("| request | none | unfused | fused | unfused vs none | fused vs none | auto measured |\n"
+              "|---|---|---|---|---|---|---|")
+        for label, fields in (("LCM, 1 sample, scale 1", dict(sampler="lcm", scale=1.0)),
+                              ("guided, 1 sample (batch 2)", {})):
+            params = GenerationParams(prompt="a house", image_resolution=512, ddim_steps=args.repeats + 1, seed=0,
+                                      **fields)
+            samplings = {side: pipe.start(pipe.prepare(photo((1, 1)), params)) for side in sides}
+            times: dict[str, list[float]] = {side: [] for side in sides}
+            for step in range(args.repeats + 1):
+                order = list(sides)[step % 3:] + list(sides)[:step % 3]
+                for side in order:
+                    with sides[side]():
+                        begin = time.perf_counter()
+                        pipe.step([samplings[side]])
+                        if step:
+                            times[side].append(time.perf_counter() - begin)
+            median = {side: statistics.median(t) for side, t in times.items()}
+            # what the backend's `auto` measures on this request's first evaluation
+            application = pipe.backend.lora_application(patch.unet_only(), pipe.model)
+            with application.applied(pipe.model):
+                pipe.step([pipe.start(pipe.prepare(photo((1, 1)), params))])
+            measured = getattr(application, "unfused_share", None)
+            choice = {"auto": "fused once it pays"}.get(application.choice, application.choice)
+            print(f"| {label} | " + " | ".join(f"{median[s]:.3f} ({min(times[s]):.3f})" for s in sides)
+                  + f" | {median['unfused'] / median['none']:.3f}x | {median['fused'] / median['none']:.3f}x | "
+                  + ("-" if measured is None else f"+{100 * measured:.0f}%, {choice}") + " |", flush=True)
+        factors = sum(t.nbytes for layer in lora.layers.values() for t in (layer.down, layer.up))
+        patched = sum(t.nbytes for layer in patch.layers.values() for t in (layer.down, layer.up))
+        unet = sum(t.nbytes for layer in patch.unet_only().layers.values() for t in (layer.down, layer.up))
+        print(f"memory: LoRA factors as read (fp32) {factors / 2**20:.0f} MiB; the patch in {precision} "
+              f"{patched / 2**20:.0f} MiB (UNet {unet / 2**20:.0f} MiB); a fused copy of the UNet's patched layers "
+              f"{fused.nbytes / 2**20:.0f} MiB")
+        del pipe, fused, patch, lora
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------------- start-up, drift, service
@@ -956,9 +1021,11 @@ def parse_args() -> argparse.Namespace:
                         help="only time ours per step with token_merging_ratio RATIO against off, step by step in "
                              "turn in one process (--repeats requests of --steps steps each side)")
     parser.add_argument("--repeats", type=int, default=3, help="with --token-merging: requests per side; with "
-                        "--decode: decodes per variant")
+                        "--decode: decodes per variant; with --lora-application: timed steps per side")
     parser.add_argument("--decode", action="store_true", help="only time the VAE decoder (random weights, no "
                         "checkpoint) plain against the CPU backend's levers on it, one decode of each in turn")
+    parser.add_argument("--lora-application", action="store_true", help="only time 512x512 steps with a rank-64 "
+                        "LoRA: none, unfused, fused (and fusing's cost and memory)")
     parser.add_argument("--attention", default="auto", help="with --token-merging: handler.backend.attention (auto: "
                         "measured at load, which a busy machine can sway; or torch, avx512, avx2)")
     args = parser.parse_args()
@@ -1009,6 +1076,9 @@ def main() -> None:
         return
     if args.adapters:
         adapter_recipes(args)
+        return
+    if args.lora_application:
+        lora_application(args)
         return
 
     device, cfg = args.device, load_config(args.config)

@@ -21,7 +21,7 @@ import torch
 from . import ddim, samplers
 from .adapters import AdapterFile, AdapterStore, Readers
 from .adapter_files import AdapterError
-from .backends import Backend, BackendOptions, select
+from .backends import Applicable, Backend, BackendOptions, select
 from .backends.cpu import has_native_bf16, slowdown_of_emulated_bf16
 from .checkpoint import load_weights
 from .embeddings import read_embedding
@@ -173,7 +173,7 @@ class Sampling:
     # token_merging_ratio > 0: per sample, the CPU generator (seed + i) of its token merging's places, apart from
     # the noise's generator so that the noise's draws stay as documented
     merging_generators: list[torch.Generator] | None = None
-    unet_loras: LoRAPatch | None = None  # the request's LoRAs on the UNet, applied to the evaluations it joins
+    unet_loras: Applicable | None = None  # the request's LoRAs on the UNet, applied to the evaluations it joins
 
     @property
     def total(self) -> int:
@@ -256,7 +256,7 @@ class ControlNetCannyPipeline:
         # the layers a LoRA may patch, read before the backend swaps any for its twins
         self.lora_targets = lora_targets(self.model)
         self.adapters: AdapterStore | None = None  # `attach_adapters`
-        self._lora_patches: OrderedDict[tuple, LoRAPatch] = OrderedDict()
+        self._lora_patches: OrderedDict[tuple, Applicable] = OrderedDict()
         self._embedding_index: tuple[int, EmbeddingIndex] | None = None  # (the store's version, its index)
         self.backend: Backend = select(device, dtype, backend_options)
         factor = config.latent_factor
@@ -488,15 +488,16 @@ class ControlNetCannyPipeline:
                         guided_steps(plan.sigmas[:-1], p.scale, p.guidance_interval), seconds, started, preview_every,
                         merging_generators=merging_generators, unet_loras=self._lora_patch(prepared.adapters, "unet"))
 
-    def _lora_patch(self, adapters: RequestAdapters, part: str) -> LoRAPatch | None:
-        """The request's LoRAs on `part` (unet | text) ready in the serving dtype, shared by the requests of equal
-        LoRAs and weights; None without any."""
+    def _lora_patch(self, adapters: RequestAdapters, part: str) -> Applicable | None:
+        """The request's LoRAs on `part` (unet | text) ready in the serving dtype (on the UNet, applied as the backend
+        chooses), shared by the requests of equal LoRAs and weights; None without any."""
         key = (part, adapters.lora_key(part))
         if not key[1]:
             return None
         if key not in self._lora_patches:
             patch = LoRAPatch.build([(lora, weight) for lora, weight, _ in adapters.loras], self.device, self.dtype)
-            self._lora_patches[key] = patch.unet_only() if part == "unet" else patch.text_encoder_only()
+            self._lora_patches[key] = (self.backend.lora_application(patch.unet_only(), self.model) if part == "unet"
+                                       else patch.text_encoder_only())
             log.info("LoRAs %s ready for the %s", ", ".join(f"{info.name}:{weight:g}" for _, weight, info in adapters.loras),
                      "UNet" if part == "unet" else "text encoder")
             if len(self._lora_patches) > LORA_PATCH_CACHE_SIZE:

@@ -7,17 +7,27 @@ differently per device: when to synchronise before reading a clock, how many sam
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from ..config import reject_unknown_keys
 
+if TYPE_CHECKING:
+    from ..lora import LoRAPatch
+
 # Runs the networks of every denoising step (and the text encoder) once at a latent size (height, width), as a
 # request does: the backend watches which layers see which shapes.
 Probe = Callable[[tuple[int, int]], None]
+
+
+class Applicable(Protocol):
+    """LoRAs ready for a model: `with applicable.applied(model):` evaluations run with them."""
+
+    def applied(self, model: nn.Module) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,8 @@ class BackendOptions:
     attention: str = "auto"  # CPU: auto (measured), torch, or a kernel variant such as avx512 / avx2
     calibration_cache: str = "default"  # CPU: directory of the measured choices; default: ~/.cache/...; "": none
     decoder_layout: str = "channels_last"  # CPU: the VAE decoder's memory format: channels_last or contiguous
+    lora_fusion: str = "auto"  # CPU: auto (fused where the hooks measured slower, once that pays), fused, unfused
+    lora_cache_mib: str = "4096"  # CPU: fused copies of the LoRA sets used last, at most this many MiB
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> BackendOptions:
@@ -40,6 +52,10 @@ class BackendOptions:
         if options.decoder_layout not in ("channels_last", "contiguous"):
             raise ValueError("backend.decoder_layout must be channels_last or contiguous, "
                              f"got {options.decoder_layout!r}")
+        if options.lora_fusion not in ("auto", "fused", "unfused"):
+            raise ValueError(f"backend.lora_fusion must be auto, fused or unfused, got {options.lora_fusion!r}")
+        if not options.lora_cache_mib.isdigit():
+            raise ValueError(f"backend.lora_cache_mib must be a whole number of MiB, got {options.lora_cache_mib!r}")
         return options
 
 
@@ -61,6 +77,10 @@ class Backend:
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the device, in one copy."""
         return tensor.to(self.device)
+
+    def lora_application(self, patch: LoRAPatch, model: nn.Module) -> Applicable:
+        """How `patch` (LoRAs on the UNet) is applied to `model`'s evaluations: here by its unfused hooks."""
+        return patch
 
     def summary(self) -> str:
         return f"{self.device.type}: plain PyTorch"

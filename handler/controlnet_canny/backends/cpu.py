@@ -34,9 +34,10 @@ from torch import nn
 
 from ..checkpoint import MADV_PAGEOUT, advise_pages
 from ..unet import CrossAttention, multihead_attention
+from ..lora import LoRAPatch
 from ..vae import Decoder
-from . import Backend, BackendOptions, Probe
-from . import cpu_attention, cpu_prepack, cpu_winograd
+from . import Applicable, Backend, BackendOptions, Probe
+from . import cpu_attention, cpu_lora, cpu_prepack, cpu_winograd
 from .cpu_build import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class CpuBackend(Backend):
         self.options = options
         self.choices: dict[str, str] = {}
         self._kernels: dict[str, cpu_attention.CpuAttention | None] = {}
+        self.fused_loras = cpu_lora.FusedCache(int(options.lora_cache_mib) * 2**20)
 
     def _kernel(self, variant: str) -> cpu_attention.CpuAttention | None:
         if variant not in self._kernels:  # compiling takes a second: once per variant
@@ -248,6 +250,17 @@ class CpuBackend(Backend):
             "attention": kernel.name if kernel is not None else "torch",
             "calibration": calibration,
         }
+
+    def lora_application(self, patch: LoRAPatch, model: nn.Module) -> Applicable:
+        """Unfused hooks, or fused copies of the patched layers (the twins this backend chose for them, with merged
+        weights) swapped in per evaluation: in `auto`, fused where the hooks measured on the set's first evaluation
+        cost more than a lever must win, once the time they added pays for the build (`cpu_lora.LoRAApplication`).
+        Fused copies are kept for the sets used last within lora_cache_mib; a set whose copy exceeds it stays
+        unfused."""
+        if self.options.lora_fusion == "unfused":
+            return patch
+        return cpu_lora.LoRAApplication(patch, self.options.lora_fusion, self.fused_loras, self._twin_like,
+                                        fastest_seconds, min_share=1 / WIN_MARGIN - 1)
 
     def summary(self) -> str:
         return "cpu: " + ", ".join(f"{name} {choice}" for name, choice in self.choices.items())
@@ -326,6 +339,14 @@ class CpuBackend(Backend):
         if winograd:
             return lambda plain: cpu_winograd.WinogradConv2d(plain, *winograd, self._transforms)
         return cpu_prepack.packed_twin if packed else None
+
+    def _twin_like(self, current: nn.Module, plain: nn.Module) -> nn.Module:
+        """The twin the calibration chose for `current`'s layer, made for `plain` (a layer of equal shape)."""
+        if isinstance(current, cpu_winograd.WinogradConv2d):
+            return cpu_winograd.WinogradConv2d(plain, current.tile, current.max_positions, self._transforms)
+        if isinstance(current, (cpu_prepack.PackedConv2d, cpu_prepack.PackedLinear)):
+            return cpu_prepack.packed_twin(plain)
+        return plain
 
     def _choose_attention(self, shapes: dict[tuple, int]) -> str:
         wanted = self.options.attention
