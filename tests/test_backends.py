@@ -314,9 +314,9 @@ def test_clocks_read_after_a_synchronisation_and_decoding_is_batched(tiny_pipeli
     monkeypatch.setattr(tiny_pipeline, "backend", _CountingBackend(events))
     decode = tiny_pipeline._decode
 
-    def spy_decode(latents):
+    def spy_decode(latents, taesd=None):
         events.append(("decode", latents.shape[0]))
-        return decode(latents)
+        return decode(latents, taesd)
 
     monkeypatch.setattr(tiny_pipeline, "_decode", spy_decode)
     monkeypatch.setattr(pipeline_module.time, "perf_counter", lambda: events.append("clock") or 0.0)
