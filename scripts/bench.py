@@ -896,12 +896,18 @@ DECODE_VARIANTS = {
 }
 
 
+# TAESD (what vae=taesd decodes with) as loaded, and on channels-last maps: not a lever of the backend yet
+TAESD_LAYOUTS = {"plain": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def decode_ab(args: argparse.Namespace) -> None:
     """The full VAE decoder (the config's, random weights) plain beside the CPU backend's levers on it, calibrated
-    here as a worker's load does (its added calibration time); one decode of each in turn, min of --repeats."""
+    here as a worker's load does (its added calibration time), and TAESD beside it; one decode of each in turn, min
+    of --repeats."""
     from controlnet_canny.backends.cpu import CpuBackend
     from controlnet_canny.pipeline import CALIBRATION_ASPECTS, CALIBRATION_RESOLUTION
     from controlnet_canny.preprocess import output_size
+    from controlnet_canny.taesd import TinyAutoencoder
     from controlnet_canny.vae import AutoencoderKL
 
     cfg = load_config(args.config)
@@ -911,13 +917,15 @@ def decode_ab(args: argparse.Namespace) -> None:
     shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
     print(machine_header(args.device))
     print("| shape (HxW) | dtype | plain s | " + " | ".join(f"{name} s" for name in DECODE_VARIANTS) + " | all vs plain |"
-          " largest difference from plain, of its largest magnitude |")
-    print("|---|---|---|" + "---|" * len(DECODE_VARIANTS) + "---|---|")
+          " largest difference from plain, of its largest magnitude | "
+          + " | ".join(f"TAESD {layout} s" for layout in TAESD_LAYOUTS) + " |")
+    print("|---|---|---|" + "---|" * len(DECODE_VARIANTS) + "---|---|" + "---|" * len(TAESD_LAYOUTS))
     for precision in args.precisions:
         dtype = PRECISIONS[precision]
         torch.manual_seed(0)
         plain = AutoencoderKL(cfg.vae, cfg.schedule.scale_factor).to(dtype).eval().requires_grad_(False)
         vaes = {"plain": plain}
+        taesd = TinyAutoencoder(with_encoder=False).to(dtype=dtype).eval()  # real size, random weights
         for name, options in DECODE_VARIANTS.items():
             vae = vaes[name] = copy.deepcopy(plain)
 
@@ -933,12 +941,17 @@ def decode_ab(args: argparse.Namespace) -> None:
                             generator=torch.Generator().manual_seed(0)).to(dtype)
             times: dict[str, list[float]] = {name: [] for name in vaes}
             images = {}
+            taesd_times: dict[str, list[float]] = {layout: [] for layout in TAESD_LAYOUTS}
             with torch.inference_mode():
                 for _ in range(args.repeats):
                     for name, vae in vaes.items():
                         start = time.perf_counter()
                         images[name] = vae.decode(z).float()
                         times[name].append(time.perf_counter() - start)
+                    for layout, memory_format in TAESD_LAYOUTS.items():
+                        start = time.perf_counter()
+                        taesd.decode(z.contiguous(memory_format=memory_format))
+                        taesd_times[layout].append(time.perf_counter() - start)
             log(f"{shape.label} {precision} s per decode, in turn: "
                 + "; ".join(f"{name} {' '.join(f'{t:.2f}' for t in ts)}" for name, ts in times.items()))
             best = {name: min(ts) for name, ts in times.items()}
@@ -946,7 +959,8 @@ def decode_ab(args: argparse.Namespace) -> None:
                           / images["plain"].abs().max().item())
             print(f"| {shape.label} | {precision} | {best['plain']:.2f} | "
                   + " | ".join(f"{best[name]:.2f}" for name in DECODE_VARIANTS)
-                  + f" | {ratio(best['plain'], best['all'])} | {difference:.1e} |", flush=True)
+                  + f" | {ratio(best['plain'], best['all'])} | {difference:.1e} | "
+                  + " | ".join(f"{min(ts):.3f}" for ts in taesd_times.values()) + " |", flush=True)
         del vaes, plain
         gc.collect()
 
