@@ -822,7 +822,8 @@ def time_diffusers_recipe(pipe, shape: Shape, fields: dict, device: torch.device
 
 
 def adapter_recipes(args: argparse.Namespace) -> None:
-    """Whole images of ADAPTER_RECIPES, ours (the adapter store through the real path) and diffusers' in turn."""
+    """Whole images of ADAPTER_RECIPES, ours (the adapter store through the real path) and diffusers', one model in
+    memory at a time (fp32 holds three of them badly in 24 GiB)."""
     from diffusers import AutoencoderTiny
     from safetensors.torch import load_file
 
@@ -830,18 +831,11 @@ def adapter_recipes(args: argparse.Namespace) -> None:
     store = write_adapter_store(args.config)
     shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
     print(machine_header(args.device))
-    print("| recipe | shape (HxW) | dtype | ours s/image | ours decoding s | diffusers s/image | ours vs diffusers | "
-          "ours vs ours default |")
-    print("|---|---|---|---|---|---|---|---|")
     for precision in args.precisions:
         dtype = PRECISIONS[precision]
         pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision, adapters=store)
         log(f"{precision}: backend {backend_summary(pipe)}")
         without_store = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision)
-        reference = None if args.no_diffusers else diffusers_pipeline(cfg, dtype, args.device)
-        tiny_autoencoder = AutoencoderTiny()  # SD 1.x's TAESD is its default configuration
-        tiny_autoencoder.load_state_dict(load_file(DIFFUSERS_TAESD / "diffusion_pytorch_model.safetensors"))
-        lora_loaded = False
         # a request without adapters, with the store attached and without one, alternated: no slower (at 256 px,
         # the cheapest whole image: what a store could add is per request, not per pixel)
         sides: dict[str, list[float]] = {"with the store": [], "without a store": []}
@@ -851,39 +845,56 @@ def adapter_recipes(args: argparse.Namespace) -> None:
         print(f"the default request at 256x256 {precision}, best of {AB_ROUNDS}: " +
               ", ".join(f"{side} {min(times):.2f} s" for side, times in sides.items()), flush=True)
         del without_store
-        fused = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision,
-                                             BackendOptions(lora_fusion="fused"), adapters=store)
+        ours: dict[tuple[Shape, str], dict[str, float]] = {}
+        first: dict[tuple[Shape, str], float] = {}  # a LoRA set's first request: unfused while the backend measures
         for shape in shapes:
-            default = None
+            for name, fields in ADAPTER_RECIPES.items():
+                timed = time_recipe(pipe, shape, fields)
+                if fields.get("loras"):
+                    first[shape, name] = timed["whole"]
+                else:
+                    ours[shape, name] = timed
+        del pipe
+        gc.collect()
+        # The image as served once the set is fused (auto fuses a set used often; forced here, built untimed), or
+        # unfused where its fused copy exceeds lora_cache_mib, as auto then keeps it.
+        steady = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision,
+                                              BackendOptions(lora_fusion="fused"), adapters=store)
+        for shape in shapes:
             for name, fields in ADAPTER_RECIPES.items():
                 if fields.get("loras"):
-                    # the set's first request (its LoRAs unfused while the backend measures them) apart, then the
-                    # image as served once the set is fused (lora_fusion auto fuses a set used often: steady state)
-                    first = time_recipe(pipe, shape, fields)["whole"]
-                    time_recipe(fused, shape, fields)  # builds the fused copy
-                    ours = time_recipe(fused, shape, fields, keep_patches=True)
-                    log(f"{name} {shape.label} {precision}: the set's first request {first:.1f} s (unfused, measured)")
-                    name += f" (first request: {first:.1f})"
-                else:
-                    ours = time_recipe(pipe, shape, fields)
-                default = default or ours["whole"]
-                theirs = math.nan
-                if reference is not None:
-                    if fields.get("loras") and not lora_loaded:
-                        reference.load_lora_weights(str(store / "loras"), weight_name=f"{LCM_LORA}.safetensors",
-                                                    adapter_name="lcm")
-                        reference.fuse_lora()  # diffusers' faster way for a LoRA kept on: no low-rank paths per step
-                        lora_loaded = True
-                    full_vae = reference.vae
-                    if fields.get("vae") == "taesd":
-                        reference.vae = tiny_autoencoder.to(args.device, dtype)
-                    theirs = time_diffusers_recipe(reference, shape, fields, args.device)
-                    reference.vae = full_vae
-                print(f"| {name} | {shape.label} | {precision} | {ours['whole']:.1f} | {ours['decoding']:.2f} | "
-                      f"{seconds(theirs)} | {ratio(theirs, ours['whole'])} | {ratio(default, ours['whole'])} |",
-                      flush=True)
-        del pipe, fused, reference
+                    time_recipe(steady, shape, fields)
+                    ours[shape, name] = time_recipe(steady, shape, fields, keep_patches=True)
+        del steady
         gc.collect()
+        theirs: dict[tuple[Shape, str], float] = {}
+        if not args.no_diffusers:
+            reference = diffusers_pipeline(cfg, dtype, args.device)
+            tiny_autoencoder = AutoencoderTiny()  # SD 1.x's TAESD is its default configuration
+            tiny_autoencoder.load_state_dict(load_file(DIFFUSERS_TAESD / "diffusion_pytorch_model.safetensors"))
+            for name, fields in ADAPTER_RECIPES.items():  # the LoRA recipes last: fused for good
+                if fields.get("loras") and not reference.get_list_adapters():
+                    reference.load_lora_weights(str(store / "loras"), weight_name=f"{LCM_LORA}.safetensors",
+                                                adapter_name="lcm")
+                    reference.fuse_lora()  # diffusers' faster way for a LoRA kept on: no low-rank paths per step
+                full_vae = reference.vae
+                if fields.get("vae") == "taesd":
+                    reference.vae = tiny_autoencoder.to(args.device, dtype)
+                for shape in shapes:
+                    theirs[shape, name] = time_diffusers_recipe(reference, shape, fields, args.device)
+                reference.vae = full_vae
+            del reference
+            gc.collect()
+        print("| recipe | shape (HxW) | dtype | ours s/image | ours decoding s | ours, the set's first request s | "
+              "diffusers s/image | ours vs diffusers | ours vs ours default |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for shape in shapes:
+            default = ours[shape, next(iter(ADAPTER_RECIPES))]["whole"]
+            for name in ADAPTER_RECIPES:
+                whole, diffusers_whole = ours[shape, name]["whole"], theirs.get((shape, name), math.nan)
+                print(f"| {name} | {shape.label} | {precision} | {whole:.1f} | {ours[shape, name]['decoding']:.2f} | "
+                      f"{seconds(first.get((shape, name), math.nan))} | {seconds(diffusers_whole)} | "
+                      f"{ratio(diffusers_whole, whole)} | {ratio(default, whole)} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- VAE decode
