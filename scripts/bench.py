@@ -393,7 +393,8 @@ def package_version(name: str) -> str:
 
 def machine_header(device: torch.device) -> str:
     line = (f"machine: {cpu_description()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), diffusers {package_version('diffusers')}, "
+            f"({torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'uncapped')}), diffusers {package_version('diffusers')}, "
             f"openvino {package_version('openvino')}")
     if device.type == "cuda":
         line += f"; GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
