@@ -245,7 +245,10 @@ def write_demo_store(root: Path, config: ModelConfig, rank: int = 4, seed: int =
     (root / "embeddings").mkdir(parents=True, exist_ok=True)
     write_embedding(root / "embeddings" / "tiny_embedding.pt", config.text.width, 2, seed=seed)
     written.append(root / "embeddings" / "tiny_embedding.pt")
-    return written + write_taesd(root / "taesd", "madebyollin", seed)
+    written += write_taesd(root / "taesd", "madebyollin", seed)
+    for path in written:  # safetensors writes 0600: the image's server user (not the builder) must read them
+        path.chmod(0o644)
+    return written
 
 
 def main() -> None:

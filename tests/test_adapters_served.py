@@ -64,8 +64,11 @@ def served(tiny_checkpoint):
     config = load_config(TINY_CONFIG)
     with tempfile.TemporaryDirectory(prefix="torchserve_adapters_") as tmp:
         tmp = Path(tmp)
+        # LoRAs unfused: these tests compare one LoRA set's images across requests byte for byte, and `auto` fuses a
+        # set after a few requests, which rounds differently (fused serving: tests/test_lora_fusion.py)
         model_dir = build_model(tmp / "model_store", [tiny_checkpoint], sets=[
-            "handler.threads=1", "handler.precision=fp32", f"maxBatchDelay={BATCH_DELAY_MS}"])
+            "handler.threads=1", "handler.precision=fp32", f"maxBatchDelay={BATCH_DELAY_MS}",
+            "handler.backend.lora_fusion=unfused"])
         store = model_dir / "adapters"  # model-config.yaml's default handler.adapters
         write_demo_store(store, config)
         write_lora(store / "loras" / "detail.safetensors", config, "peft", rank=2, seed=2, text_encoder=False)
@@ -378,7 +381,8 @@ def test_a_lora_replaced_then_removed_during_a_request_leaves_that_request_as_it
     assert result["parameters"]["adapters"]["loras"] == [{"name": "moving", "weight": 1.0, "sha256": sha}]
     log = served.server.model_log()[log_before:]
     changes = re.findall(r"adapter store .*|request \S+ done", log)
-    assert "lora moving" in changes[0] and "lora moving" not in changes[1] and changes[2].endswith(" done"), changes
+    # the rewrite came while it ran (the removal too, or just after its last step on a fast machine)
+    assert "lora moving" in changes[0] and any(change.endswith(" done") for change in changes[1:]), changes
     alone = post(served, body(loras=["detail:1"], ddim_steps=steps))
     assert np.array_equal(png_pixels(base64.b64decode(result["images"][0])), image_of(alone))
 
