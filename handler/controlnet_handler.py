@@ -146,6 +146,8 @@ class ControlNetHandler:
             # that is not alone runs its requests to the end in this call (docs/serving.md, "Scheduling").
             if self.workers == 1 or not self.held:
                 break
+        if not self.held:
+            self.pipeline.backend.idle()
 
         bodies = []
         stream_next: dict[int, bool | None] = {}  # TorchServe's ts_stream_next per response: None for a whole body

@@ -22,6 +22,7 @@ other things (see their help).
   bench.py --recipes --shapes 1:1 --sizes 512 --precisions bf16   # whole images: samplers and their options
   bench.py --adapters --shapes 1:1 --sizes 512 --precisions bf16  # whole images with LCM-LoRA and TAESD, and diffusers
   bench.py --lora-application --precisions bf16 --no-openvino --repeats 5   # a LoRA unfused, fused, none
+  bench.py --allocator --precisions fp32 --steps 3   # steps with the C allocator as shipped and retaining, ours and diffusers'
   bench.py --token-merging 0.5 --sizes 512 768 --shapes 1:1 --precisions bf16   # token merging on against off
   bench.py --decode --shapes 1:1 4:3 --sizes 512  # the VAE decoder plain against the backend's levers on it
   bench.py --config handler/controlnet_canny/configs/cldm_tiny.yaml \\
@@ -33,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import json
 import math
 import os
 import platform
@@ -56,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "handler"))
 
 from controlnet_canny import samplers  # noqa: E402
-from controlnet_canny.backends import BackendOptions  # noqa: E402
+from controlnet_canny.backends import BackendOptions, cpu_allocator  # noqa: E402
 from controlnet_canny.config import CONFIG_DIR, ModelConfig, UNetConfig, load_config  # noqa: E402
 from controlnet_canny.model import ControlLDM  # noqa: E402
 from controlnet_canny.params import GenerationParams  # noqa: E402
@@ -133,10 +135,12 @@ class Shape:
 # --------------------------------------------------------------------------------------------------- ours
 
 
-def time_ours(pipe: ControlNetCannyPipeline, shape: Shape, steps: int) -> tuple[float, float]:
+def time_ours(pipe: ControlNetCannyPipeline, shape: Shape, steps: int, fields: dict | None = None
+              ) -> tuple[float, float]:
     """(median seconds per step after the first, seconds for the whole request: canny, text encoding with the
-    cache cleared, sampling, decoding)."""
-    params = GenerationParams(prompt="a house", image_resolution=shape.resolution, ddim_steps=steps, seed=0)
+    cache cleared, sampling, decoding); `fields`: other request fields than the default's."""
+    params = GenerationParams(prompt="a house", image_resolution=shape.resolution, ddim_steps=steps, seed=0,
+                              **(fields or {}))
     pipe._text_cache.clear()
     stamps = []
 
@@ -206,14 +210,15 @@ def diffusers_models(cfg: ModelConfig, dtype: torch.dtype, device: torch.device)
     return tuple(m.to(device, dtype).eval().requires_grad_(False) for m in (unet, controlnet))
 
 
-def step_inputs(cfg: ModelConfig, height: int, width: int, dtype: torch.dtype, device: torch.device):
-    """(x, t, context, hint) of one guided step at batch 2: latents, timestep, text encodings, edge map."""
+def step_inputs(cfg: ModelConfig, height: int, width: int, dtype: torch.dtype, device: torch.device,
+                batch: int = GUIDANCE_BATCH):
+    """(x, t, context, hint) of one step (default: guided, batch 2): latents, timestep, text encodings, edge map."""
     g = torch.Generator().manual_seed(0)
     factor = cfg.latent_factor
-    x = torch.randn(GUIDANCE_BATCH, cfg.unet.in_channels, height // factor, width // factor, generator=g)
-    context = torch.randn(GUIDANCE_BATCH, cfg.text.context_length, cfg.unet.context_dim, generator=g)
-    hint = torch.rand(GUIDANCE_BATCH, cfg.control.hint_channels, height, width, generator=g)
-    t = torch.full((GUIDANCE_BATCH,), TIMESTEP)
+    x = torch.randn(batch, cfg.unet.in_channels, height // factor, width // factor, generator=g)
+    context = torch.randn(batch, cfg.text.context_length, cfg.unet.context_dim, generator=g)
+    hint = torch.rand(batch, cfg.control.hint_channels, height, width, generator=g)
+    t = torch.full((batch,), TIMESTEP)
     return x.to(device, dtype), t.to(device), context.to(device, dtype), hint.to(device, dtype)
 
 
@@ -225,8 +230,8 @@ def diffusers_step(unet, controlnet, x, t, context, hint) -> torch.Tensor:
 
 @torch.inference_mode()
 def time_diffusers(models, cfg: ModelConfig, shape: Shape, dtype: torch.dtype, device: torch.device,
-                   steps: int) -> float:
-    inputs = step_inputs(cfg, shape.height, shape.width, dtype, device)
+                   steps: int, batch: int = GUIDANCE_BATCH) -> float:
+    inputs = step_inputs(cfg, shape.height, shape.width, dtype, device, batch)
     times = []
     for _ in range(steps + 1):
         synchronize(device)
@@ -455,10 +460,12 @@ def token_merging_ab(pipe: ControlNetCannyPipeline, shapes: list[Shape], ratio: 
 
 def lora_application(args: argparse.Namespace) -> None:
     """Per denoising step at 512x512, a rank-64 LoRA of the LCM-LoRA layout: none, unfused hooks, fused into the
-    backend's twins (and what fusing costs), LCM's 1 sample at scale 1 and a guided sample; sides interleaved,
+    backend's twins (and what fusing costs), fused as served (`lora_fusion: fused` within `lora_cache_mib`: in part
+    where the whole copy exceeds it), LCM's 1 sample at scale 1 and a guided sample; sides interleaved,
     median and min of `--repeats` steps each (the first of each side untimed), and the hooks' share of a step that
     the backend's `lora_fusion: auto` measures. Then the memory each form holds."""
-    from controlnet_canny.backends.cpu_lora import FusedLoRA
+    from controlnet_canny.backends.cpu import fastest_seconds
+    from controlnet_canny.backends.cpu_lora import FusedLoRA, LoRAApplication
     from controlnet_canny.lora import LoRAPatch, read_lora
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -475,20 +482,25 @@ def lora_application(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         fused = FusedLoRA(patch.unet_only(), pipe.model, pipe.backend._twin_like)
         build = time.perf_counter() - start
+        served = LoRAApplication(patch.unet_only(), "fused", pipe.backend.fused_loras, pipe.backend._twin_like,
+                                 fastest_seconds, min_share=0.0)
         sides = {"none": contextlib.nullcontext, "unfused": lambda: patch.unet_only().applied(pipe.model),
-                 "fused": lambda: fused.applied(pipe.model)}
+                 "fused": lambda: fused.applied(pipe.model), "as served": lambda: served.applied(pipe.model)}
         print(f"\n{precision}, 512x512, s/step median (min) of {args.repeats}; fusing the UNet's "
               f"{len(patch.unet_only().layers)} layers took {build:.2f} s")
-        print("| request | none | unfused | fused | unfused vs none | fused vs none | auto measured |\n"
-              "|---|---|---|---|---|---|---|")
+        print("| request | none | unfused | fused | as served | unfused vs none | fused vs none | as served vs none | "
+              "auto measured |\n|---|---|---|---|---|---|---|---|---|")
         for label, fields in (("LCM, 1 sample, scale 1", dict(sampler="lcm", scale=1.0)),
                               ("guided, 1 sample (batch 2)", {})):
             params = GenerationParams(prompt="a house", image_resolution=512, ddim_steps=args.repeats + 1, seed=0,
                                       **fields)
             samplings = {side: pipe.start(pipe.prepare(photo((1, 1)), params)) for side in sides}
             times: dict[str, list[float]] = {side: [] for side in sides}
+            for _ in range(2):  # as served: measured at its first evaluation, fused at its second, untimed
+                with sides["as served"]():
+                    pipe.step([pipe.start(pipe.prepare(photo((1, 1)), params))])
             for step in range(args.repeats + 1):
-                order = list(sides)[step % 3:] + list(sides)[:step % 3]
+                order = list(sides)[step % len(sides):] + list(sides)[:step % len(sides)]
                 for side in order:
                     with sides[side]():
                         begin = time.perf_counter()
@@ -503,15 +515,16 @@ def lora_application(args: argparse.Namespace) -> None:
             measured = getattr(application, "unfused_share", None)
             choice = {"auto": "fused once it pays"}.get(application.choice, application.choice)
             print(f"| {label} | " + " | ".join(f"{median[s]:.3f} ({min(times[s]):.3f})" for s in sides)
-                  + f" | {median['unfused'] / median['none']:.3f}x | {median['fused'] / median['none']:.3f}x | "
+                  + "".join(f" | {median[side] / median['none']:.3f}x" for side in ("unfused", "fused", "as served"))
+                  + " | "
                   + ("-" if measured is None else f"+{100 * measured:.0f}%, {choice}") + " |", flush=True)
         factors = sum(t.nbytes for layer in lora.layers.values() for t in (layer.down, layer.up))
         patched = sum(t.nbytes for layer in patch.layers.values() for t in (layer.down, layer.up))
         unet = sum(t.nbytes for layer in patch.unet_only().layers.values() for t in (layer.down, layer.up))
         print(f"memory: LoRA factors as read (fp32) {factors / 2**20:.0f} MiB; the patch in {precision} "
               f"{patched / 2**20:.0f} MiB (UNet {unet / 2**20:.0f} MiB); a fused copy of the UNet's patched layers "
-              f"{fused.nbytes / 2**20:.0f} MiB")
-        del pipe, fused, patch, lora
+              f"{fused.nbytes / 2**20:.0f} MiB; as served {pipe.backend.fused_loras.nbytes / 2**20:.0f} MiB")
+        del pipe, fused, served, patch, lora
         gc.collect()
 
 
@@ -822,18 +835,57 @@ def time_diffusers_recipe(pipe, shape: Shape, fields: dict, device: torch.device
     return time.perf_counter() - start
 
 
-def adapter_recipes(args: argparse.Namespace) -> None:
-    """Whole images of ADAPTER_RECIPES, ours (the adapter store through the real path) and diffusers', one model in
-    memory at a time (fp32 holds three of them badly in 24 GiB)."""
+DIFFUSERS_RECIPES = """
+import json, sys
+sys.path.insert(0, 'scripts')
+import bench
+print(json.dumps(bench.diffusers_recipe_times(*sys.argv[1:])))
+"""
+
+
+def diffusers_recipe_times(config: str, precision: str, device: str, shapes: str) -> list:
+    """In this fresh process: seconds of each of ADAPTER_RECIPES' whole images from diffusers' pipeline at each of
+    `shapes` ([[aspect, resolution], ...] as JSON), its LoRA fused as diffusers fuses one kept on, TAESD as
+    AutoencoderTiny; [[aspect, resolution, recipe, seconds], ...]."""
     from diffusers import AutoencoderTiny
     from safetensors.torch import load_file
 
-    cfg = load_config(args.config)
+    cfg, dtype, device = load_config(Path(config)), PRECISIONS[precision], torch.device(device)
+    store = write_adapter_store(Path(config))
+    reference = diffusers_pipeline(cfg, dtype, device)
+    tiny_autoencoder = AutoencoderTiny()  # SD 1.x's TAESD is its default configuration
+    tiny_autoencoder.load_state_dict(load_file(DIFFUSERS_TAESD / "diffusion_pytorch_model.safetensors"))
+    times = []
+    for name, fields in ADAPTER_RECIPES.items():  # the LoRA recipes last: fused for good
+        if fields.get("loras") and not reference.get_list_adapters():
+            reference.load_lora_weights(str(store / "loras"), weight_name=f"{LCM_LORA}.safetensors", adapter_name="lcm")
+            reference.fuse_lora()  # diffusers' faster way for a LoRA kept on: no low-rank paths per step
+        full_vae = reference.vae
+        if fields.get("vae") == "taesd":
+            reference.vae = tiny_autoencoder.to(device, dtype)
+        for aspect, resolution in json.loads(shapes):
+            shape = Shape.of(tuple(aspect), resolution)
+            times.append([aspect, resolution, name, time_diffusers_recipe(reference, shape, fields, device)])
+        reference.vae = full_vae
+    return times
+
+
+def adapter_recipes(args: argparse.Namespace) -> None:
+    """Whole images of ADAPTER_RECIPES, ours (the adapter store through the real path) and diffusers', one model in
+    memory at a time (fp32 holds three of them badly in 24 GiB)."""
     store = write_adapter_store(args.config)
     shapes = [Shape.of(aspect, size) for size in args.sizes for aspect in args.shapes]
     print(machine_header(args.device))
     for precision in args.precisions:
-        dtype = PRECISIONS[precision]
+        # diffusers in a fresh process: as it ships (ours sets this process's allocator, backend.allocator), and all
+        # its memory gone before ours loads
+        theirs: dict[tuple[Shape, str], float] = {}
+        if not args.no_diffusers:
+            out = subprocess.run([sys.executable, "-c", DIFFUSERS_RECIPES, str(args.config), precision,
+                                  str(args.device), json.dumps([[s.aspect, s.resolution] for s in shapes])],
+                                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
+            for aspect, resolution, name, seconds_taken in json.loads(out.splitlines()[-1]):
+                theirs[Shape.of(tuple(aspect), resolution), name] = seconds_taken
         pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision, adapters=store)
         log(f"{precision}: backend {backend_summary(pipe)}")
         without_store = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision)
@@ -845,7 +897,9 @@ def adapter_recipes(args: argparse.Namespace) -> None:
                 sides[side].append(time_recipe(served, Shape.of((1, 1), 256), {})["whole"])
         print(f"the default request at 256x256 {precision}, best of {AB_ROUNDS}: " +
               ", ".join(f"{side} {min(times):.2f} s" for side, times in sides.items()), flush=True)
-        del without_store
+        del without_store, served
+        gc.collect()
+        cpu_allocator.release_free_memory()
         ours: dict[tuple[Shape, str], dict[str, float]] = {}
         first: dict[tuple[Shape, str], float] = {}  # a LoRA set's first request: unfused while the backend measures
         for shape in shapes:
@@ -857,8 +911,9 @@ def adapter_recipes(args: argparse.Namespace) -> None:
                     ours[shape, name] = timed
         del pipe
         gc.collect()
-        # The image as served once the set is fused (auto fuses a set used often; forced here, built untimed), or
-        # unfused where its fused copy exceeds lora_cache_mib, as auto then keeps it.
+        cpu_allocator.release_free_memory()  # the pipeline's heap back before the next loads (a worker has one)
+        # The image as served once the set is fused (auto fuses a set used often; forced here, built untimed), in
+        # part where its whole copy exceeds lora_cache_mib, as auto then fuses it.
         steady = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision,
                                               BackendOptions(lora_fusion="fused"), adapters=store)
         for shape in shapes:
@@ -868,24 +923,6 @@ def adapter_recipes(args: argparse.Namespace) -> None:
                     ours[shape, name] = time_recipe(steady, shape, fields, keep_patches=True)
         del steady
         gc.collect()
-        theirs: dict[tuple[Shape, str], float] = {}
-        if not args.no_diffusers:
-            reference = diffusers_pipeline(cfg, dtype, args.device)
-            tiny_autoencoder = AutoencoderTiny()  # SD 1.x's TAESD is its default configuration
-            tiny_autoencoder.load_state_dict(load_file(DIFFUSERS_TAESD / "diffusion_pytorch_model.safetensors"))
-            for name, fields in ADAPTER_RECIPES.items():  # the LoRA recipes last: fused for good
-                if fields.get("loras") and not reference.get_list_adapters():
-                    reference.load_lora_weights(str(store / "loras"), weight_name=f"{LCM_LORA}.safetensors",
-                                                adapter_name="lcm")
-                    reference.fuse_lora()  # diffusers' faster way for a LoRA kept on: no low-rank paths per step
-                full_vae = reference.vae
-                if fields.get("vae") == "taesd":
-                    reference.vae = tiny_autoencoder.to(args.device, dtype)
-                for shape in shapes:
-                    theirs[shape, name] = time_diffusers_recipe(reference, shape, fields, args.device)
-                reference.vae = full_vae
-            del reference
-            gc.collect()
         print("| recipe | shape (HxW) | dtype | ours s/image | ours decoding s | ours, the set's first request s | "
               "diffusers s/image | ours vs diffusers | ours vs ours default |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -898,6 +935,62 @@ def adapter_recipes(args: argparse.Namespace) -> None:
                       f"{ratio(diffusers_whole, whole)} | {ratio(default, whole)} |", flush=True)
 
 
+# -------------------------------------------------------------------------------------------------- allocator
+
+# The requests a step is timed for: one sample guided (the default: batch 2) and unguided (LCM at scale 1: batch 1)
+ALLOCATOR_REQUESTS = {"guided (batch 2)": ({}, GUIDANCE_BATCH),
+                      "lcm at scale 1 (batch 1)": ({"sampler": "lcm", "scale": 1.0}, 1)}
+ALLOCATOR_SIDE = """
+import json, sys
+sys.path.insert(0, 'scripts')
+import bench
+print(json.dumps(bench.allocator_side(*sys.argv[1:])))
+"""
+
+
+def allocator_side(engine: str, allocator: str, checkpoint: str, config: str, precision: str, steps: str) -> dict:
+    """In this fresh process: seconds per step of each of ALLOCATOR_REQUESTS at 512x512, ours or diffusers' models,
+    with the C allocator as the C library ships it (system) or retaining freed memory (retain), and the peak RSS."""
+    shape, dtype, device = Shape.of((1, 1), 512), PRECISIONS[precision], torch.device("cpu")
+    seconds = {}
+    if engine == "ours":
+        pipe = ControlNetCannyPipeline.load([checkpoint], config, device, precision, BackendOptions(allocator=allocator))
+        for name, (fields, _) in ALLOCATOR_REQUESTS.items():
+            seconds[name] = time_ours(pipe, shape, int(steps) + 1, fields)[0]
+    else:
+        if allocator == "retain":
+            cpu_allocator.retain_freed_memory()
+        cfg = load_config(Path(config))
+        models = diffusers_models(cfg, dtype, device)
+        for name, (_, batch) in ALLOCATOR_REQUESTS.items():
+            seconds[name] = time_diffusers(models, cfg, shape, dtype, device, int(steps), batch)
+    peak = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 2**20
+    return {"seconds": seconds, "peak_gib": peak}
+
+
+def allocator_ab(args: argparse.Namespace) -> None:
+    """Ours and diffusers' steps with the allocator as shipped and retaining freed memory, each side in fresh
+    processes (the setting is process-wide and not undone), alternated ROUNDS times; the fastest of each."""
+    print(machine_header(args.device))
+    print("| engine | dtype | request | system s/step | retain s/step | retain vs system | peak RSS GiB, system / retain |")
+    print("|---|---|---|---|---|---|---|")
+    for precision in args.precisions:
+        for engine in ("ours", "diffusers"):
+            runs: dict[str, list[dict]] = {"system": [], "retain": []}
+            for _ in range(ROUNDS):
+                for allocator in runs:
+                    out = subprocess.run([sys.executable, "-c", ALLOCATOR_SIDE, engine, allocator, str(args.checkpoint),
+                                          str(args.config), precision, str(args.steps)],
+                                         cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
+                    runs[allocator].append(json.loads(out.splitlines()[-1]))
+                    log(f"{engine} {precision} {allocator}: {runs[allocator][-1]}")
+            for name in ALLOCATOR_REQUESTS:
+                best = {side: min(run["seconds"][name] for run in side_runs) for side, side_runs in runs.items()}
+                peaks = " / ".join(f"{max(run['peak_gib'] for run in side_runs):.2f}" for side_runs in runs.values())
+                print(f"| {engine} | {precision} | {name} | {best['system']:.2f} | {best['retain']:.2f} | "
+                      f"{ratio(best['system'], best['retain'])} | {peaks} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------- VAE decode
 
 # What the decoder runs with, beside plain (every backend lever off, maps as loaded): one lever at a time, then all.
@@ -908,8 +1001,8 @@ DECODE_VARIANTS = {
 }
 
 
-# TAESD (what vae=taesd decodes with) as loaded, and on channels-last maps: not a lever of the backend yet
-TAESD_LAYOUTS = {"plain": torch.contiguous_format, "channels_last": torch.channels_last}
+# TAESD (what vae=taesd decodes with) as loaded, and as the CPU backend lays it out (`prepare_decoder`)
+TAESD_LAYOUTS = ("plain", "channels_last")
 
 
 def decode_ab(args: argparse.Namespace) -> None:
@@ -937,7 +1030,10 @@ def decode_ab(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         plain = AutoencoderKL(cfg.vae, cfg.schedule.scale_factor).to(dtype).eval().requires_grad_(False)
         vaes = {"plain": plain}
-        taesd = TinyAutoencoder(with_encoder=False).to(dtype=dtype).eval()  # real size, random weights
+        taesds = {"plain": TinyAutoencoder(with_encoder=False).to(dtype=dtype).eval()}  # real size, random weights
+        taesds["channels_last"] = copy.deepcopy(taesds["plain"])
+        CpuBackend(args.device, dtype, BackendOptions(decoder_layout="channels_last")).prepare_decoder(
+            taesds["channels_last"])
         for name, options in DECODE_VARIANTS.items():
             vae = vaes[name] = copy.deepcopy(plain)
 
@@ -960,9 +1056,9 @@ def decode_ab(args: argparse.Namespace) -> None:
                         start = time.perf_counter()
                         images[name] = vae.decode(z).float()
                         times[name].append(time.perf_counter() - start)
-                    for layout, memory_format in TAESD_LAYOUTS.items():
+                    for layout, taesd in taesds.items():
                         start = time.perf_counter()
-                        taesd.decode(z.contiguous(memory_format=memory_format))
+                        taesd.decode(z)
                         taesd_times[layout].append(time.perf_counter() - start)
             log(f"{shape.label} {precision} s per decode, in turn: "
                 + "; ".join(f"{name} {' '.join(f'{t:.2f}' for t in ts)}" for name, ts in times.items()))
@@ -1063,6 +1159,9 @@ def parse_args() -> argparse.Namespace:
                         "--decode: decodes per variant; with --lora-application: timed steps per side")
     parser.add_argument("--decode", action="store_true", help="only time the VAE decoder (random weights, no "
                         "checkpoint) plain against the CPU backend's levers on it, one decode of each in turn")
+    parser.add_argument("--allocator", action="store_true", help="only time 512x512 steps (guided, and LCM at scale 1) "
+                        "of ours and diffusers' with the C allocator as shipped and retaining freed memory, in fresh "
+                        "processes")
     parser.add_argument("--lora-application", action="store_true", help="only time 512x512 steps with a rank-64 "
                         "LoRA: none, unfused, fused (and fusing's cost and memory)")
     parser.add_argument("--attention", default="auto", help="with --token-merging: handler.backend.attention (auto: "
@@ -1118,6 +1217,9 @@ def main() -> None:
         return
     if args.lora_application:
         lora_application(args)
+        return
+    if args.allocator:
+        allocator_ab(args)
         return
 
     device, cfg = args.device, load_config(args.config)

@@ -3,8 +3,12 @@ machine), cached, and can be forced; precision `auto`; the device contract the p
 progress read after a synchronisation, batched decoding)."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import resource
+import subprocess
+import sys
 import threading
 import time
 
@@ -236,6 +240,51 @@ def test_forced_choices(tiny_checkpoint, tmp_path):
         BackendOptions.from_mapping({"packing": "all"})
     with pytest.raises(ValueError, match="backend.decoder_layout"):
         BackendOptions.from_mapping({"decoder_layout": "nhwc"})
+    with pytest.raises(ValueError, match="backend.allocator"):
+        BackendOptions.from_mapping({"allocator": "jemalloc"})
+
+
+ALLOCATION_FAULTS = """
+import resource, sys
+import torch
+from controlnet_canny.backends import BackendOptions
+from controlnet_canny.pipeline import ControlNetCannyPipeline
+
+pipe = ControlNetCannyPipeline.load([sys.argv[1]], sys.argv[2], "cpu", "fp32",
+                                    BackendOptions(allocator=sys.argv[3], calibration_cache=sys.argv[4]))
+
+def faults():  # page faults of allocating, filling and freeing 64 MiB, over glibc's largest mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def rss_mib():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+faults()
+print(pipe.backend.summary())
+print(faults())
+held = rss_mib()
+pipe.backend.idle()
+print(held - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="not glibc: no mallopt")
+@pytest.mark.parametrize("allocator", ["retain", "system"])
+def test_the_allocator_retains_freed_memory_unless_told_not_to(tiny_checkpoint, tmp_path, allocator):
+    """In a fresh process (the setting is process-wide): with `retain`, a step's large allocation reuses the pages
+    the previous one freed, until the backend is idle; with `system`, glibc maps it afresh and every page faults
+    again."""
+    run = subprocess.run([sys.executable, "-c", ALLOCATION_FAULTS, str(tiny_checkpoint), str(TINY_CONFIG), allocator,
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary, faults, released_mib = run.stdout.splitlines()[-3:]
+    assert f"allocator {allocator}" in summary
+    pages = 2**26 // resource.getpagesize()
+    assert int(faults) < pages // 10 if allocator == "retain" else int(faults) >= pages * 9 // 10
+    # idle, the retained 64 MiB go back to the kernel (with `system` they already went)
+    assert float(released_mib) > 48 if allocator == "retain" else abs(float(released_mib)) < 16
 
 
 class _FakeKernel:
@@ -297,7 +346,8 @@ def test_explicit_bf16_without_native_bf16_warns_with_the_measured_cost(monkeypa
 
 
 class _CountingBackend(Backend):
-    """The device contract, observed: the pipeline synchronises before reading a clock and decodes in batches."""
+    """The device contract, observed: the pipeline synchronises before reading a clock, decodes in batches and
+    tells the backend when it is idle."""
 
     decode_batch = 2
 
@@ -307,6 +357,9 @@ class _CountingBackend(Backend):
 
     def synchronize(self) -> None:
         self.events.append("sync")
+
+    def idle(self) -> None:
+        self.events.append("idle")
 
 
 def test_clocks_read_after_a_synchronisation_and_decoding_is_batched(tiny_pipeline, house_image, monkeypatch):
@@ -328,6 +381,7 @@ def test_clocks_read_after_a_synchronisation_and_decoding_is_batched(tiny_pipeli
     # every phase's closing clock follows a synchronisation: text and sampling end with queued device work
     assert events[clocks[1] - 1] == "sync" and events[clocks[3] - 1] == "sync"
     assert len(result.images) == 3 and all(image.dtype == np.uint8 for image in result.images)
+    assert events[-1] == "idle" and events.count("idle") == 1  # once the batch is done, not between its steps
 
 
 def test_shapes_carried_from_the_reference_probe_are_those_each_size_runs(tiny_pipeline):
@@ -621,3 +675,21 @@ def test_prepack_none_and_winograd_none_leave_the_decoder_plain(tiny_checkpoint,
         latents = torch.randn(1, 4, 8, 8)
         assert pipe.model.first_stage_model.decoder(latents).is_contiguous() is not channels_last
     assert (_decoded(pipe) - plain_decoded).abs().max() <= 1e-5 * plain_decoded.abs().max()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_the_stores_taesd_is_laid_out_as_the_decoder_and_decodes_the_same(tiny_checkpoint, tmp_path, layout):
+    from make_tiny_adapters import write_taesd
+
+    from controlnet_canny.taesd import read_taesd
+
+    files = write_taesd(tmp_path / "store" / "taesd", "madebyollin", seed=0)
+    pipe = _load(tiny_checkpoint, tmp_path, prepack="none", winograd="none", decoder_layout=layout)
+    pipe.attach_adapters(tmp_path / "store")
+    taesd = pipe._store_taesd()
+    convolutions = [m for m in taesd.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) is (layout == "channels_last")
+                                for m in convolutions if m.kernel_size != (1, 1))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    as_loaded = read_taesd(files).decode(latents)
+    assert (taesd.decode(latents) - as_loaded).abs().max() <= 1e-5 * as_loaded.abs().max()

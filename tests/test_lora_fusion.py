@@ -14,7 +14,7 @@ import torch
 from conftest import TINY_CONFIG
 from controlnet_canny.backends import Backend, BackendOptions, cpu_prepack, cpu_winograd
 from controlnet_canny.backends.cpu import CpuBackend
-from controlnet_canny.backends.cpu_lora import FusedCache, FusedLoRA, LoRAApplication
+from controlnet_canny.backends.cpu_lora import FusedCache, FusedLoRA, LoRAApplication, fused_bytes
 from controlnet_canny.checkpoint import load_weights
 from controlnet_canny.config import load_config
 from controlnet_canny.lora import LoRAPatch, lora_targets, read_lora
@@ -133,16 +133,46 @@ def test_fused_copies_are_kept_least_recently_used_first_within_the_budget(twins
     assert len(cache) == 1 and cache.get(kept) is fused
 
 
-def test_over_the_budget_a_set_stays_unfused(twins, patches):
+def test_where_no_layer_fits_the_budget_a_set_stays_unfused(twins, patches):
     backend = _backend(lora_fusion="fused", lora_cache_mib="0")
     application = backend.lora_application(patches[1], twins)
     own = _modules(twins, patches[1].layers)
     with patches[1].applied(twins):
         unfused = _eps(twins)
-    with application.applied(twins):
-        assert all(a is b for a, b in zip(_modules(twins, patches[1].layers), own))
-        assert torch.equal(_eps(twins), unfused)
+    for _ in range(2):  # the first evaluation measures the hooks, the second finds that none fits
+        with application.applied(twins):
+            assert all(a is b for a, b in zip(_modules(twins, patches[1].layers), own))
+            assert torch.equal(_eps(twins), unfused)
     assert application.choice == "unfused" and len(backend.fused_loras) == 0
+
+
+def test_over_the_budget_the_layers_whose_hooks_cost_most_per_byte_are_fused(twins, patches):
+    """A set whose whole copy exceeds the budget: its first evaluation runs unfused and times each layer's hook;
+    then the layers whose hooks took the most time per byte of copy are fused, as many as fit, and the others keep
+    their hooks."""
+    patch = patches[0]
+    backend = _backend(lora_fusion="fused")
+    application = backend.lora_application(patch, twins)
+    sizes = fused_bytes(patch, twins)
+    largest, smallest = max(sizes, key=sizes.get), min(sizes.values())
+    backend.fused_loras.budget = sizes[largest] + smallest  # room for the largest layer and one of the smallest
+    own = _modules(twins, patch.layers)
+    base = _eps(twins)
+    with patch.applied(twins):
+        unfused = _eps(twins)
+    with application.applied(twins):
+        assert all(a is b for a, b in zip(_modules(twins, patch.layers), own))
+        assert torch.equal(_eps(twins), unfused)
+    assert set(application.hook_seconds) == set(patch.layers) and all(application.hook_seconds.values())
+    # as if the largest layer's hook were by far the costliest per byte
+    application.hook_seconds = dict.fromkeys(patch.layers, 1e-9) | {largest: 1.0}
+    with application.applied(twins):
+        swapped = {path for path, own_layer in zip(patch.layers, own) if twins.get_submodule(path) is not own_layer}
+        partly_fused = _eps(twins)
+    assert largest in swapped and len(swapped) == 2 and sum(sizes[path] for path in swapped) == sizes[largest] + smallest
+    assert (partly_fused - unfused).abs().max().item() <= 1e-4 * unfused.abs().max().item()
+    assert all(a is b for a, b in zip(_modules(twins, patch.layers), own))
+    assert torch.equal(_eps(twins), base)
 
 
 def _swapped(application, model, patch) -> bool:

@@ -488,6 +488,18 @@ def test_handler_runs_to_the_end_in_one_call_when_not_alone(handler, house_png, 
     assert [e.get("step") for e in events] == [1, 2, 3, 4, None] and events[-1]["event"] == "result"
 
 
+def test_the_backend_is_told_when_no_request_is_in_flight(handler, house_png, monkeypatch):
+    """Once a call leaves nothing held, and not between the steps of a held request (the CPU backend then hands
+    its retained heap back: the next step would fault it in again)."""
+    instance, _ = handler
+    held_when_idle = []
+    monkeypatch.setattr(instance.pipeline.backend, "idle", lambda: held_when_idle.append(len(instance.held)))
+    stream = form({"prompt": "a house", "seed": 3, "ddim_steps": 3, "stream": "true"}, house_png)
+    calls = []
+    [(status, _, _)] = run_batch(handler, [(stream, FORM)], on_call=lambda c, ids: calls.append(ids))
+    assert status == 200 and len(calls) >= 3 and held_when_idle == [0]
+
+
 @pytest.mark.parametrize("value", ["", "a" * 65, "has space", "../x", 5])
 def test_request_id_is_checked(config, house_png, value):
     with pytest.raises(ParamError) as err:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -417,6 +417,10 @@ class LoRAPatch:
 
     def _only(self, prefix: str) -> LoRAPatch:
         return LoRAPatch({p: layer for p, layer in self.layers.items() if p.startswith(prefix)}, self.loras)
+
+    def without(self, paths: Collection[str]) -> LoRAPatch:
+        """The patch on its other layers."""
+        return LoRAPatch({p: layer for p, layer in self.layers.items() if p not in paths}, self.loras)
 
     def unet_only(self) -> LoRAPatch:
         return self._only(UNET_PREFIX)

@@ -295,7 +295,9 @@ class ControlNetCannyPipeline:
     def attach_adapters(self, root: Path, max_file_bytes: int = 2**31) -> AdapterStore:
         """The adapter store at `root` (`adapters`), its files checked against this model as they are read."""
         def taesd(files):
-            return read_taesd(files).to(self.device, self.dtype)
+            autoencoder = read_taesd(files).to(self.device, self.dtype)
+            self.backend.prepare_decoder(autoencoder)
+            return autoencoder
 
         readers = Readers(lora=lambda path: read_lora(path, self.lora_targets, self.config.unet),
                           embedding=lambda path: read_embedding(path, self.config.text.width), taesd=taesd)
@@ -434,7 +436,9 @@ class ControlNetCannyPipeline:
             if callback is not None:
                 self.backend.synchronize()  # a progress event means that step has run, not that it was queued
                 callback(done, total)
-        return self.finish(samplings)
+        finished = self.finish(samplings)
+        self.backend.idle()
+        return finished
 
     @torch.inference_mode()
     def start(self, prepared: Prepared, preview_every: int = 0) -> Sampling:

@@ -40,6 +40,7 @@ class BackendOptions:
     decoder_layout: str = "channels_last"  # CPU: the VAE decoder's memory format: channels_last or contiguous
     lora_fusion: str = "auto"  # CPU: auto (fused where the hooks measured slower, once that pays), fused, unfused
     lora_cache_mib: str = "4096"  # CPU: fused copies of the LoRA sets used last, at most this many MiB
+    allocator: str = "retain"  # CPU: retain (malloc keeps freed memory for the next step), system (as the C library does)
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> BackendOptions:
@@ -54,6 +55,8 @@ class BackendOptions:
                              f"got {options.decoder_layout!r}")
         if options.lora_fusion not in ("auto", "fused", "unfused"):
             raise ValueError(f"backend.lora_fusion must be auto, fused or unfused, got {options.lora_fusion!r}")
+        if options.allocator not in ("retain", "system"):
+            raise ValueError(f"backend.allocator must be retain or system, got {options.allocator!r}")
         if not options.lora_cache_mib.isdigit():
             raise ValueError(f"backend.lora_cache_mib must be a whole number of MiB, got {options.lora_cache_mib!r}")
         return options
@@ -70,6 +73,12 @@ class Backend:
 
     def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
         """Called once on the loaded model, before any request; `model_id` names its architecture."""
+
+    def prepare_decoder(self, decoder: nn.Module) -> None:
+        """A decoder loaded after `prepare` (the adapter store's TAESD), laid out as this backend runs decoders."""
+
+    def idle(self) -> None:
+        """No request is in flight: what the backend keeps between steps may go back."""
 
     def synchronize(self) -> None:
         """Waits for queued device work, so that a clock read or a progress event tells the truth."""

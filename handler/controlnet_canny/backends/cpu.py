@@ -1,5 +1,6 @@
 """CPUs: oneDNN-packed weights, Winograd 3x3 convolutions and a C attention kernel, each used only where it
-measured faster on this machine, and the VAE decoder's maps laid out channels-last.
+measured faster on this machine, the decoders' maps laid out channels-last, and malloc keeping what a step frees
+for the next one (`cpu_allocator`).
 
 Whether a lever pays depends on the CPU (packing won 1.5x on an AVX-512 Zen 4 and lost 1.3-3.6x on an AVX2 Zen 3,
 see docs/benchmarks.md) and on the shapes a layer sees (Winograd's gain shrinks as maps grow). So at load the
@@ -37,7 +38,7 @@ from ..unet import CrossAttention, multihead_attention
 from ..lora import LoRAPatch
 from ..vae import Decoder
 from . import Applicable, Backend, BackendOptions, Probe
-from . import cpu_attention, cpu_lora, cpu_prepack, cpu_winograd
+from . import cpu_allocator, cpu_attention, cpu_lora, cpu_prepack, cpu_winograd
 from .cpu_build import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,10 @@ class CpuBackend(Backend):
         return cpu_winograd.load()  # compiled once per load, and only where a convolution may take it
 
     def prepare(self, model: nn.Module, probe: Probe, latent_sizes: list[tuple[int, int]], model_id: str) -> None:
+        # Before the probe and the calibration: the levers are timed with the allocator requests then run with.
+        if self.options.allocator == "retain":
+            cpu_allocator.retain_freed_memory()
+        allocator = "retain" if cpu_allocator.retaining() else "system"
         if self.options.decoder_layout == "channels_last":
             # Before the probe, so that its layers are timed on the layout they then run on. oneDNN convolves
             # channels-last maps without reordering them to and from its blocked layout, which at the decoder's
@@ -218,7 +223,8 @@ class CpuBackend(Backend):
         cache = CalibrationCache(directory, self.dtype)
         options = self.options
         key = (f"{CHOICES_FORMAT} {model_id} latents {latent_sizes} prepack {options.prepack} "
-               f"winograd {options.winograd} attention {options.attention} decoder {options.decoder_layout}")
+               f"winograd {options.winograd} attention {options.attention} decoder {options.decoder_layout} "
+               f"allocator {allocator}")
         calibration = "cached"
         with cache.exclusive():
             choice = cache.entries.get(key)
@@ -249,7 +255,16 @@ class CpuBackend(Backend):
                                   for tile in cpu_winograd.TILES) + " convolutions",
             "attention": kernel.name if kernel is not None else "torch",
             "calibration": calibration,
+            "allocator": allocator,
         }
+        self.idle()  # the calibration's temporaries
+
+    def idle(self) -> None:
+        cpu_allocator.release_free_memory()
+
+    def prepare_decoder(self, decoder: nn.Module) -> None:
+        if self.options.decoder_layout == "channels_last":  # as the VAE decoder's (`prepare`): no twins timed
+            decoder.to(memory_format=torch.channels_last)
 
     def lora_application(self, patch: LoRAPatch, model: nn.Module) -> Applicable:
         """Unfused hooks, or fused copies of the patched layers (the twins this backend chose for them, with merged

@@ -12,7 +12,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,12 +65,15 @@ def _weight_bytes(module: nn.Module) -> int:
 
 
 class FusedLoRA:
-    """A LoRA set's patched layers, each a twin of the module at its path with the merged weight."""
+    """A LoRA set's patched layers (or those of `paths`), each a twin of the module at its path with the merged
+    weight."""
 
-    def __init__(self, patch: LoRAPatch, model: nn.Module, twin_like: TwinLike):
+    def __init__(self, patch: LoRAPatch, model: nn.Module, twin_like: TwinLike, paths: Collection[str] | None = None):
         self.layers: dict[str, nn.Module] = {}
         self.nbytes = 0
         for path, patched in patch.layers.items():
+            if paths is not None and path not in paths:
+                continue
             current = model.get_submodule(path)
             base = base_weight(current)
             merged = patch.merged_weight(path, base).to(base.dtype)
@@ -94,9 +97,9 @@ class FusedLoRA:
                 setattr(parent, name, own)
 
 
-def fused_bytes(patch: LoRAPatch, model: nn.Module) -> int:
-    """What `FusedLoRA(patch, model, ...)` will hold: the weights of the twins at the patched paths."""
-    return sum(_weight_bytes(model.get_submodule(path)) for path in patch.layers)
+def fused_bytes(patch: LoRAPatch, model: nn.Module) -> dict[str, int]:
+    """What `FusedLoRA(patch, model, ...)` will hold per patched path: the weights of the twin there."""
+    return {path: _weight_bytes(model.get_submodule(path)) for path in patch.layers}
 
 
 class FusedCache:
@@ -137,11 +140,15 @@ class LoRAApplication:
     """A LoRA set on the UNet as the CPU backend applies it: by its unfused hooks, or by its fused copy.
 
     `choice` fused: the copy is built at the first evaluation. auto: the first evaluation runs unfused and records
-    each patched layer's input; the hooks' cost on those inputs is timed against that evaluation (a fused layer
+    each patched layer's input; each layer's hook is timed on those inputs against that evaluation (a fused layer
     costs what the model's own does: the same kernel on a weight of the same shape). Under `min_share` of it the
     set stays unfused; otherwise it runs unfused until the time its hooks added reaches what building the copy
     costs (measured on the last build), then fused: a set used once or twice never pays for a copy it would not
-    earn back, one used often pays at most twice the build. Evicted, a copy is rebuilt by the same rule."""
+    earn back, one used often pays at most twice the build. Evicted, a copy is rebuilt by the same rule.
+
+    A set whose whole copy exceeds the cache's budget (a whole-UNet LoRA in fp32, whose Winograd twins hold their
+    transformed weights) is fused in part: the layers whose hooks took the most time per byte of copy, up to the
+    budget; the others keep their hooks. Their time is measured in either choice, on the set's first evaluation."""
 
     def __init__(self, patch: LoRAPatch, choice: str, cache: FusedCache, twin_like: TwinLike,
                  timer: Callable[[Callable[[], object]], float], min_share: float):
@@ -151,18 +158,21 @@ class LoRAApplication:
         self.twin_like = twin_like
         self.timer = timer
         self.min_share = min_share
-        self.unfused_share: float | None = None  # auto: the hooks' cost over the rest of the evaluation
+        self.unfused_share: float | None = None  # the hooks' cost over the rest of the evaluation, once measured
+        self.hook_seconds: dict[str, float] = {}  # per patched path, once measured
         self.unfused_seconds = 0.0  # what the hooks added since the copy was last built
+        self._bytes: dict[str, int] | None = None  # per patched path, what its fused copy holds
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
-        if self.choice == "auto" and self.unfused_share is None:
+        if self.unfused_share is None and self.choice != "unfused" and (
+                self.choice == "auto" or sum(self._fused_bytes(model).values()) > self.cache.budget):
             with self._measuring(model):
                 yield
             return
         fused = None if self.choice == "unfused" else self._fused(model)
         if fused is not None:
-            with fused.applied(model):
+            with fused.applied(model), self.patch.without(fused.layers).applied(model):
                 yield
             return
         start = time.perf_counter()
@@ -171,26 +181,48 @@ class LoRAApplication:
         if self.unfused_share:
             self.unfused_seconds += (time.perf_counter() - start) * self.unfused_share / (1 + self.unfused_share)
 
+    def _fused_bytes(self, model: nn.Module) -> dict[str, int]:
+        if self._bytes is None:
+            self._bytes = fused_bytes(self.patch, model)
+        return self._bytes
+
+    def _paths_to_fuse(self, model: nn.Module) -> list[str]:
+        """Every patched path where the whole copy fits the budget; else those whose hooks took the most time per
+        byte of copy, as many as fit."""
+        sizes = self._fused_bytes(model)
+        if sum(sizes.values()) <= self.cache.budget:
+            return list(sizes)
+        chosen, room = [], self.cache.budget
+        for path in sorted(sizes, key=lambda p: self.hook_seconds.get(p, 0.0) / max(sizes[p], 1), reverse=True):
+            if sizes[path] <= room and self.hook_seconds.get(path, 0.0) > 0:
+                chosen.append(path)
+                room -= sizes[path]
+        return chosen
+
     def _fused(self, model: nn.Module) -> FusedLoRA | None:
         fused = self.cache.get(self)
         if fused is not None:
             return fused
-        nbytes = fused_bytes(self.patch, model)
-        if nbytes > self.cache.budget:
-            log.warning("LoRA set would fuse to %.0f MiB, over the backend's lora_cache_mib: applied unfused",
-                        nbytes / 2**20)
+        paths = self._paths_to_fuse(model)
+        if not paths:
+            log.warning("no layer of the LoRA set fits lora_cache_mib: applied unfused")
             self.choice = "unfused"
             return None
+        nbytes = sum(self._fused_bytes(model)[path] for path in paths)
         if self.choice == "auto" and self.unfused_seconds < nbytes * self.cache.seconds_per_byte:
             return None
         start = time.perf_counter()
-        fused = FusedLoRA(self.patch, model, self.twin_like)
+        fused = FusedLoRA(self.patch, model, self.twin_like, paths)
         seconds = time.perf_counter() - start
         self.cache.seconds_per_byte = seconds / max(fused.nbytes, 1)
         self.cache.put(self, fused)
         self.unfused_seconds = 0.0
-        log.info("LoRA set fused in %.2f s (%.0f MiB; %d sets, %.0f MiB kept)", seconds, fused.nbytes / 2**20,
-                 len(self.cache), self.cache.nbytes / 2**20)
+        whole = len(paths) == len(self.patch.layers)
+        log.info("LoRA set fused%s in %.2f s (%.0f MiB%s; %d sets, %.0f MiB kept)", "" if whole else " in part",
+                 seconds, fused.nbytes / 2**20, "" if whole else (
+                     f", {len(paths)} of {len(self.patch.layers)} layers: "
+                     f"{100 * sum(self.hook_seconds[p] for p in paths) / sum(self.hook_seconds.values()):.0f}% "
+                     "of the hooks' time"), len(self.cache), self.cache.nbytes / 2**20)
         return fused
 
     @contextlib.contextmanager
@@ -215,14 +247,14 @@ class LoRAApplication:
         for path, (x, y) in seen.items():
             layer = self.patch.layers[path]
             classes.setdefault((layer.target, layer.down.shape, layer.up.shape, x, y), []).append(path)
-        unfused = 0.0
         with torch.inference_mode():
             for (_, _, _, x, y), paths in classes.items():
                 layer, inputs, outputs = self.patch.layers[paths[0]], x.make(), y.make()
-                unfused += len(paths) * self.timer(lambda: outputs.add_(layer.delta(inputs)))
+                self.hook_seconds.update(dict.fromkeys(paths, self.timer(lambda: outputs.add_(layer.delta(inputs)))))
+        unfused = sum(self.hook_seconds.values())
         self.unfused_share = unfused / max(evaluation - unfused, 1e-9)
         self.unfused_seconds = unfused
-        if self.unfused_share < self.min_share:
+        if self.choice == "auto" and self.unfused_share < self.min_share:
             self.choice = "unfused"
         log.info("LoRA set unfused: +%.1f%% per evaluation (%.3f s of %.3f s): %s", 100 * self.unfused_share,
                  unfused, evaluation, "stays unfused" if self.choice == "unfused" else "fused once that pays")
