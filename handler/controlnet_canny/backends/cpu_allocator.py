@@ -19,40 +19,36 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 KEEP_FREED_BYTES = 2**31 - 1  # the largest trim threshold mallopt's int takes: up to 2 GiB free at the top is kept
-_retaining = False  # process-wide, and never undone: a later pipeline of this process asking for `system` still has it
+_libc: ctypes.CDLL | None = None  # set once retaining: process-wide and never undone (a later pipeline of this
+# process asking for `system` still has it)
 
 
 def retaining() -> bool:
-    return _retaining
+    return _libc is not None
 
 
 def retain_freed_memory() -> bool:
-    """Makes this process's malloc serve every allocation from its heap (no per-allocation mappings) and never trim
-    it. False where the C library has no mallopt (not glibc) or refuses."""
-    global _retaining
-    if _retaining:
+    """Makes this process's malloc serve every allocation from its heap (no per-allocation mappings) and keep up to
+    KEEP_FREED_BYTES free at its top. False where the C library has no mallopt and malloc_trim (not glibc) or
+    refuses."""
+    global _libc
+    if _libc is not None:
         return True
-    libc = _glibc()
-    if libc is None:
-        log.warning("the C library has no mallopt and malloc_trim: freed memory goes back to the kernel "
-                    "(allocator: system)")
-        return False
-    _retaining = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
-    return _retaining
-
-
-def release_free_memory() -> None:
-    """Hands the free pages of a retaining heap back to the kernel (malloc_trim: the top of the heap, and whole
-    free pages inside it); nothing where it does not retain."""
-    if _retaining:
-        _glibc().malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
-        return None
-    return libc
+        log.warning("the C library has no mallopt and malloc_trim: freed memory goes back to the kernel "
+                    "(allocator: system)")
+        return False
+    if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES):
+        _libc = libc
+    return _libc is not None
+
+
+def release_free_memory() -> None:
+    """Hands the free pages of a retaining heap back to the kernel (malloc_trim: the top of the heap, and whole
+    free pages inside it); nothing where it does not retain."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
