@@ -477,6 +477,7 @@ def test_handler_cancel_stops_the_request_it_names(handler, house_png):
 def test_handler_runs_to_the_end_in_one_call_when_not_alone(handler, house_png, monkeypatch):
     """TorchServe 0.12 stalls a worker's next step while another worker idles: with two, one call does it all."""
     instance, _ = handler
+    monkeypatch.setattr(instance, "workers", instance.workers)  # restored after: the later tests run alone
     monkeypatch.setattr(serving, "live_workers", lambda fallback: 2)
     monkeypatch.setattr(instance, "threads_checked", 0.0)
     stream = form({"prompt": "a house", "seed": 3, "ddim_steps": 4, "stream": "true"}, house_png)
