@@ -835,12 +835,19 @@ def time_diffusers_recipe(pipe, shape: Shape, fields: dict, device: torch.device
     return time.perf_counter() - start
 
 
-DIFFUSERS_RECIPES = """
+FRESH_PROCESS = """
 import json, sys
 sys.path.insert(0, 'scripts')
 import bench
-print(json.dumps(bench.diffusers_recipe_times(*sys.argv[1:])))
+print(json.dumps(getattr(bench, sys.argv[1])(*sys.argv[2:])))
 """
+
+
+def in_fresh_process(function: str, *args: str):
+    """bench.`function`(*args) in a new Python process (its allocator and memory its own); what it returns, by JSON."""
+    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, function, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def diffusers_recipe_times(config: str, precision: str, device: str, shapes: str) -> list:
@@ -881,10 +888,9 @@ def adapter_recipes(args: argparse.Namespace) -> None:
         # its memory gone before ours loads
         theirs: dict[tuple[Shape, str], float] = {}
         if not args.no_diffusers:
-            out = subprocess.run([sys.executable, "-c", DIFFUSERS_RECIPES, str(args.config), precision,
-                                  str(args.device), json.dumps([[s.aspect, s.resolution] for s in shapes])],
-                                 cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
-            for aspect, resolution, name, seconds_taken in json.loads(out.splitlines()[-1]):
+            shapes_json = json.dumps([[s.aspect, s.resolution] for s in shapes])
+            for aspect, resolution, name, seconds_taken in in_fresh_process(
+                    "diffusers_recipe_times", str(args.config), precision, str(args.device), shapes_json):
                 theirs[Shape.of(tuple(aspect), resolution), name] = seconds_taken
         pipe = ControlNetCannyPipeline.load([args.checkpoint], args.config, args.device, precision, adapters=store)
         log(f"{precision}: backend {backend_summary(pipe)}")
@@ -940,12 +946,6 @@ def adapter_recipes(args: argparse.Namespace) -> None:
 # The requests a step is timed for: one sample guided (the default: batch 2) and unguided (LCM at scale 1: batch 1)
 ALLOCATOR_REQUESTS = {"guided (batch 2)": ({}, GUIDANCE_BATCH),
                       "lcm at scale 1 (batch 1)": ({"sampler": "lcm", "scale": 1.0}, 1)}
-ALLOCATOR_SIDE = """
-import json, sys
-sys.path.insert(0, 'scripts')
-import bench
-print(json.dumps(bench.allocator_side(*sys.argv[1:])))
-"""
 
 
 def allocator_side(engine: str, allocator: str, checkpoint: str, config: str, precision: str, steps: str) -> dict:
@@ -979,10 +979,8 @@ def allocator_ab(args: argparse.Namespace) -> None:
             runs: dict[str, list[dict]] = {"system": [], "retain": []}
             for _ in range(ROUNDS):
                 for allocator in runs:
-                    out = subprocess.run([sys.executable, "-c", ALLOCATOR_SIDE, engine, allocator, str(args.checkpoint),
-                                          str(args.config), precision, str(args.steps)],
-                                         cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
-                    runs[allocator].append(json.loads(out.splitlines()[-1]))
+                    runs[allocator].append(in_fresh_process("allocator_side", engine, allocator, str(args.checkpoint),
+                                                            str(args.config), precision, str(args.steps)))
                     log(f"{engine} {precision} {allocator}: {runs[allocator][-1]}")
             for name in ALLOCATOR_REQUESTS:
                 best = {side: min(run["seconds"][name] for run in side_runs) for side, side_runs in runs.items()}
